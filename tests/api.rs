@@ -38,6 +38,9 @@ fn bad_input_gets_400_with_a_json_error() {
         let (status, body) = server.request("POST", "/commands/broadcast", Some(broadcast.clone()));
         assert_eq!(status, 400, "{broadcast} -> {body}");
     }
+    let (status, body) =
+        server.request("POST", "/commands/broadcast", Some(json!({"type": "DELAY", "payload": {"ms": 1}, "all": true})));
+    assert_eq!(status, 409, "broadcast to all with no agent registered: {body}");
     for path in ["/commands/abc", "/commands?status=DONE", "/commands?limit=0", "/commands?offset=-1"] {
         let (status, body) = server.request("GET", path, None);
         assert_eq!(status, 400, "{path} -> {body}");
