@@ -6,8 +6,8 @@
 use crate::dispatcher::{self, ConnectedAgents, Dispatcher, WorkAvailable};
 use crate::lifecycle::Status;
 use crate::persistence::{
-    self, CancelCommand, CancelOutcome, CommandFilter, CountByStatus, CreateCommands, GetCommand, ListAgents,
-    ListCommands, Persistence, PersistenceError, Targets,
+    self, CancelCommand, CancelOutcome, CommandFilter, CountByStatus, CreateCommands, CreatedCommands, GetCommand,
+    IdempotencyKey, ListAgents, ListCommands, Persistence, PersistenceError, Submission, Targets,
 };
 use crate::session::{AgentSession, Heartbeat};
 use crate::validation::{self, ValidationError};
@@ -53,6 +53,9 @@ pub enum ApiError {
     /// The request conflicts with the resource's state (409).
     #[error("{0}")]
     Conflict(String),
+    /// The request is well-formed but cannot be honoured (422).
+    #[error("{0}")]
+    Unprocessable(String),
     /// An actor is restarting; retry shortly (503).
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
@@ -67,6 +70,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -139,6 +143,9 @@ async fn health(state: web::Data<AppState>) -> ApiResult {
     Ok(HttpResponse::Ok().json(json!({ "status": "ok" })))
 }
 
+/// Header that makes a submission safe to retry.
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
 /// Body of `POST /commands`.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -153,8 +160,8 @@ struct SubmitRequest {
 }
 
 #[post("/commands")]
-async fn submit(state: web::Data<AppState>, body: web::Json<SubmitRequest>) -> ApiResult {
-    let request = body.into_inner();
+async fn submit(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Value>) -> ApiResult {
+    let request: SubmitRequest = parse_body(&body)?;
     let spec = validation::command_spec(&request.command_type, &request.payload)?;
     let targets = match request.agent_id {
         Some(agent) => {
@@ -163,9 +170,15 @@ async fn submit(state: web::Data<AppState>, body: web::Json<SubmitRequest>) -> A
         }
         None => Targets::AnyAgent,
     };
-    let created = create(&state, spec, request.idempotent, targets).await?;
+    let submission = CreateCommands {
+        spec,
+        idempotent: request.idempotent,
+        targets,
+        idempotency_key: idempotency_key(&req, &body)?,
+    };
+    let (status, created) = create(&state, submission).await?;
     let command_id = created.first().map(|(_, id)| *id);
-    Ok(HttpResponse::Created().json(json!({ "commandId": command_id })))
+    Ok(HttpResponse::build(status).json(json!({ "commandId": command_id })))
 }
 
 /// Body of `POST /commands/broadcast`.
@@ -184,15 +197,21 @@ struct BroadcastRequest {
 }
 
 #[post("/commands/broadcast")]
-async fn broadcast(state: web::Data<AppState>, body: web::Json<BroadcastRequest>) -> ApiResult {
-    let request = body.into_inner();
+async fn broadcast(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Value>) -> ApiResult {
+    let request: BroadcastRequest = parse_body(&body)?;
     let spec = validation::command_spec(&request.command_type, &request.payload)?;
     let targets = match (request.agent_ids, request.all) {
         (Some(ids), false) => Targets::Agents(validation::broadcast_agents(ids)?),
         (None, true) => Targets::AllKnownAgents,
         _ => return Err(ApiError::BadRequest("give exactly one of agentIds or all: true".into())),
     };
-    let created = create(&state, spec, request.idempotent, targets).await?;
+    let submission = CreateCommands {
+        spec,
+        idempotent: request.idempotent,
+        targets,
+        idempotency_key: idempotency_key(&req, &body)?,
+    };
+    let (status, created) = create(&state, submission).await?;
     if created.is_empty() {
         return Err(ApiError::Conflict("no agent has ever registered; nothing to broadcast to".into()));
     }
@@ -201,18 +220,39 @@ async fn broadcast(state: web::Data<AppState>, body: web::Json<BroadcastRequest>
         .map(|(agent, id)| json!({ "agentId": agent, "commandId": id }))
         .collect();
     let ids: Vec<CommandId> = created.iter().map(|(_, id)| *id).collect();
-    Ok(HttpResponse::Created().json(json!({ "commandIds": ids, "commands": commands })))
+    Ok(HttpResponse::build(status).json(json!({ "commandIds": ids, "commands": commands })))
 }
 
-async fn create(
-    state: &AppState,
-    spec: fleet_protocol::CommandSpec,
-    idempotent: bool,
-    targets: Targets,
-) -> Result<Vec<(Option<String>, CommandId)>, ApiError> {
-    let created = state.persistence.send(CreateCommands { spec, idempotent, targets }).await??;
-    state.dispatcher.do_send(WorkAvailable);
-    Ok(created)
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    T::deserialize(body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
+}
+
+/// The request's `Idempotency-Key`, paired with the request it protects.
+fn idempotency_key(req: &HttpRequest, body: &Value) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(header) = req.headers().get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = header
+        .to_str()
+        .ok()
+        .filter(|key| (1..=255).contains(&key.len()))
+        .ok_or_else(|| ApiError::BadRequest(format!("{IDEMPOTENCY_KEY} must be 1 to 255 visible ASCII characters")))?;
+    Ok(Some(IdempotencyKey { key: key.to_string(), request: format!("{} {body}", req.path()) }))
+}
+
+/// Creates the commands (or replays an earlier identical submission) and
+/// wakes the dispatcher; answers 201 for new commands, 200 for a replay.
+async fn create(state: &AppState, submission: CreateCommands) -> Result<(StatusCode, CreatedCommands), ApiError> {
+    match state.persistence.send(submission).await?? {
+        Submission::Created(created) => {
+            state.dispatcher.do_send(WorkAvailable);
+            Ok((StatusCode::CREATED, created))
+        }
+        Submission::Replayed(created) => Ok((StatusCode::OK, created)),
+        Submission::KeyReused => Err(ApiError::Unprocessable(format!(
+            "this {IDEMPOTENCY_KEY} was already used for a different request"
+        ))),
+    }
 }
 
 #[get("/commands/{id}")]

@@ -8,7 +8,7 @@
 
 use crate::clock::{now_ms, serialize_rfc3339};
 use crate::lifecycle::{resolve_lost_attempt, LostAttempt, Status};
-use crate::schema::{agents, commands};
+use crate::schema::{agents, commands, submissions};
 use actix::prelude::*;
 use diesel::dsl::count_star;
 use diesel::prelude::*;
@@ -230,9 +230,33 @@ pub struct CommandFilter {
 /// Outcome of [`Reconcile`]: what the server can now acknowledge to the agent.
 pub type AttemptsToAck = Vec<AttemptRef>;
 
-/// Inserts a command for each target; returns `(target, id)` pairs.
+/// Commands created by one submission: `(target agent, command id)` pairs.
+pub type CreatedCommands = Vec<(Option<String>, CommandId)>;
+
+/// A client-chosen key that makes a submission safe to retry.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    /// The `Idempotency-Key` header.
+    pub key: String,
+    /// Canonical text of the request, to detect a key reused for another request.
+    pub request: String,
+}
+
+/// What a submission did.
+#[derive(Debug)]
+pub enum Submission {
+    /// New commands were created.
+    Created(CreatedCommands),
+    /// The idempotency key was seen before with the same request: these are
+    /// the commands it created then; nothing new was created.
+    Replayed(CreatedCommands),
+    /// The idempotency key was used before for a different request.
+    KeyReused,
+}
+
+/// Inserts a command for each target, at most once per idempotency key.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Vec<(Option<String>, CommandId)>, PersistenceError>")]
+#[rtype(result = "Result<Submission, PersistenceError>")]
 pub struct CreateCommands {
     /// What to run.
     pub spec: CommandSpec,
@@ -240,6 +264,8 @@ pub struct CreateCommands {
     pub idempotent: bool,
     /// Who should run it.
     pub targets: Targets,
+    /// Makes retrying the submission safe.
+    pub idempotency_key: Option<IdempotencyKey>,
 }
 
 /// Reads one command.
@@ -496,32 +522,58 @@ fn record_result(conn: &mut SqliteConnection, agent_id: &str, report: &AttemptRe
 }
 
 impl Handler<CreateCommands> for Persistence {
-    type Result = Result<Vec<(Option<String>, CommandId)>, PersistenceError>;
+    type Result = Result<Submission, PersistenceError>;
 
     fn handle(&mut self, msg: CreateCommands, ctx: &mut Context<Self>) -> Self::Result {
-        self.run(ctx, |conn| {
-            conn.transaction(|conn| {
-                let targets: Vec<Option<String>> = match msg.targets {
-                    Targets::AnyAgent => vec![None],
-                    Targets::Agents(ids) => ids.into_iter().map(Some).collect(),
-                    Targets::AllKnownAgents => agents::table
-                        .select(agents::id)
-                        .order(agents::id)
-                        .load::<String>(conn)?
-                        .into_iter()
-                        .map(Some)
-                        .collect(),
-                };
-                let mut created = Vec::with_capacity(targets.len());
-                for target in targets {
-                    let id = insert_command(conn, &msg.spec, msg.idempotent, target.as_deref())?;
-                    info!("command {id} created: {} for {}", msg.spec.type_name(), target.as_deref().unwrap_or("any agent"));
-                    created.push((target, id));
-                }
-                Ok(created)
-            })
-        })
+        self.run(ctx, |conn| conn.transaction(|conn| create_commands(conn, msg)))
     }
+}
+
+fn create_commands(conn: &mut SqliteConnection, msg: CreateCommands) -> Result<Submission, PersistenceError> {
+    if let Some(idempotency) = &msg.idempotency_key {
+        let earlier: Option<(String, String)> = submissions::table
+            .find(&idempotency.key)
+            .select((submissions::request, submissions::created_commands))
+            .first(conn)
+            .optional()?;
+        if let Some((request, created)) = earlier {
+            if request != idempotency.request {
+                return Ok(Submission::KeyReused);
+            }
+            let created = serde_json::from_str(&created)
+                .map_err(|_| PersistenceError::CorruptRow(format!("submission {:?}", idempotency.key)))?;
+            return Ok(Submission::Replayed(created));
+        }
+    }
+    let targets: Vec<Option<String>> = match msg.targets {
+        Targets::AnyAgent => vec![None],
+        Targets::Agents(ids) => ids.into_iter().map(Some).collect(),
+        Targets::AllKnownAgents => agents::table
+            .select(agents::id)
+            .order(agents::id)
+            .load::<String>(conn)?
+            .into_iter()
+            .map(Some)
+            .collect(),
+    };
+    let mut created = Vec::with_capacity(targets.len());
+    for target in targets {
+        let id = insert_command(conn, &msg.spec, msg.idempotent, target.as_deref())?;
+        info!("command {id} created: {} for {}", msg.spec.type_name(), target.as_deref().unwrap_or("any agent"));
+        created.push((target, id));
+    }
+    // An empty broadcast is refused by the API, so it is not remembered either.
+    if let Some(idempotency) = msg.idempotency_key.filter(|_| !created.is_empty()) {
+        diesel::insert_into(submissions::table)
+            .values((
+                submissions::idempotency_key.eq(idempotency.key),
+                submissions::request.eq(idempotency.request),
+                submissions::created_commands.eq(serde_json::json!(created).to_string()),
+                submissions::created_at_ms.eq(now_ms()),
+            ))
+            .execute(conn)?;
+    }
+    Ok(Submission::Created(created))
 }
 
 impl Handler<GetCommand> for Persistence {

@@ -26,4 +26,13 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(agents, commands,);
+diesel::table! {
+    submissions (idempotency_key) {
+        idempotency_key -> Text,
+        request -> Text,
+        created_commands -> Text,
+        created_at_ms -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(agents, commands, submissions,);

@@ -70,6 +70,39 @@ fn pending_commands_can_be_cancelled_once() {
 }
 
 #[test]
+fn a_retried_submission_with_an_idempotency_key_creates_nothing_new() {
+    let dir = scratch();
+    let mut server = Server::start(dir.path(), GRACE_MS);
+    let command = json!({"type": "DELAY", "payload": {"ms": 5}, "agentId": "k-agent"});
+    let submit = |server: &Server, command: &Value, key: &str| {
+        server.request_with_headers("POST", "/commands", Some(command.clone()), &[("Idempotency-Key", key)])
+    };
+    let (status, first) = submit(&server, &command, "order-17");
+    assert_eq!(status, 201, "{first}");
+    // The key is stored in the same transaction as the command: it survives a crash.
+    server.kill();
+    server.restart();
+    let (status, retried) = submit(&server, &command, "order-17");
+    assert_eq!((status, &retried), (200, &first));
+    let (status, other) = submit(&server, &json!({"type": "DELAY", "payload": {"ms": 6}}), "order-17");
+    assert_eq!(status, 422, "{other}");
+    let (status, second) = submit(&server, &command, "order-18");
+    assert_eq!(status, 201, "{second}");
+    assert_ne!(second, first);
+    let (status, body) = submit(&server, &command, "");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(server.get("/stats")["commands"]["PENDING"], json!(2), "one command per key");
+
+    let _agent = Agent::start(dir.path(), &server.url, "k-agent", &[]);
+    server.wait_connected(&["k-agent"]);
+    let broadcast = json!({"type": "DELAY", "payload": {"ms": 5}, "all": true});
+    let (status, first) = server.request_with_headers("POST", "/commands/broadcast", Some(broadcast.clone()), &[("Idempotency-Key", "b-1")]);
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = server.request_with_headers("POST", "/commands/broadcast", Some(broadcast), &[("Idempotency-Key", "b-1")]);
+    assert_eq!((status, &again), (200, &first));
+}
+
+#[test]
 fn offline_agent_receives_its_queued_commands_when_it_connects() {
     let dir = scratch();
     let server = Server::start(dir.path(), GRACE_MS);

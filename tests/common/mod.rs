@@ -117,12 +117,24 @@ impl Server {
 
     /// Sends a request and returns `(status, JSON body)`.
     pub fn request(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.request_with_headers(method, path, body, &[])
+    }
+
+    /// Sends a request with extra headers and returns `(status, JSON body)`.
+    pub fn request_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let url = format!("{}{}", self.url, path);
         let request = match method {
             "GET" => self.http.get(url),
             "POST" => self.http.post(url),
             other => panic!("unsupported method {other}"),
         };
+        let request = headers.iter().fold(request, |request, (name, value)| request.header(*name, *value));
         let request = match body {
             Some(body) => request.json(&body),
             None => request,
