@@ -10,7 +10,7 @@
 //! (default 8), `BENCH_COMMANDS` (default 2000), `BENCH_CLIENTS` parallel
 //! REST clients (default 16).
 
-use fleet_protocol::{AgentMessage, AttemptReport, JournalSummary, Outcome, ServerMessage};
+use fleet_protocol::{AgentMessage, AttemptReport, JournalSummary, Outcome, ServerMessage, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -50,7 +50,12 @@ async fn simulated_agent(url: String, id: String, concurrency: u32) {
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("{}/ws", url.replacen("http", "ws", 1)))
         .await
         .expect("agent connects");
-    let hello = AgentMessage::Hello { agent_id: id, concurrency, journal: JournalSummary::default() };
+    let hello = AgentMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_id: id,
+        concurrency,
+        journal: JournalSummary::default(),
+    };
     socket.send(Message::text(serde_json::to_string(&hello).unwrap())).await.expect("hello");
     while let Some(Ok(frame)) = socket.next().await {
         let Message::Text(text) = frame else { continue };

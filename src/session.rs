@@ -8,7 +8,7 @@ use crate::dispatcher::{Announce, Dispatcher, Register, SessionClosed, WorkAvail
 use crate::persistence::{Assignment, Persistence, RecordResult, TouchAgent};
 use actix::prelude::*;
 use actix_web_actors::ws;
-use fleet_protocol::{is_valid_agent_id, AgentMessage, AttemptRef, AttemptReport, ServerMessage};
+use fleet_protocol::{is_valid_agent_id, AgentMessage, AttemptRef, AttemptReport, ServerMessage, PROTOCOL_VERSION};
 use log::{debug, error, info, warn};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -82,7 +82,13 @@ impl AgentSession {
 
     fn on_message(&mut self, message: AgentMessage, ctx: &mut ws::WebsocketContext<Self>) {
         match (message, &self.registration) {
-            (AgentMessage::Hello { agent_id, concurrency, journal }, None) => {
+            (AgentMessage::Hello { protocol_version, agent_id, concurrency, journal }, None) => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return self.reject(
+                        ctx,
+                        format!("protocol version {protocol_version} is not supported (server speaks {PROTOCOL_VERSION})"),
+                    );
+                }
                 if !is_valid_agent_id(&agent_id) {
                     return self.reject(ctx, format!("invalid agent id {agent_id:?}"));
                 }

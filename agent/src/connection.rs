@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_protocol::{AgentMessage, ServerMessage};
+use fleet_protocol::{AgentMessage, ServerMessage, PROTOCOL_VERSION};
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use tokio::net::TcpStream;
@@ -40,9 +40,9 @@ pub enum ConnectionError {
     /// A message could not be serialized (should never happen).
     #[error("cannot serialize message: {0}")]
     Serialize(#[from] serde_json::Error),
-    /// The server closed the connection.
-    #[error("server closed the connection")]
-    ClosedByServer,
+    /// The server closed the connection (with its reason, if it gave one).
+    #[error("server closed the connection{0}")]
+    ClosedByServer(String),
     /// Nothing arrived from the server for too long.
     #[error("no frame from the server for {0:?}")]
     ServerSilent(Duration),
@@ -138,6 +138,7 @@ impl Session<'_> {
 
     async fn serve_until_error(&mut self) -> Result<std::convert::Infallible, ConnectionError> {
         let hello = AgentMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
             agent_id: self.settings.agent_id.clone(),
             concurrency: self.settings.concurrency,
             journal: self.state.hello_summary(),
@@ -154,13 +155,16 @@ impl Session<'_> {
             tokio::select! {
                 frame = self.socket.next() => {
                     let frame = match frame {
-                        None => return Err(ConnectionError::ClosedByServer),
+                        None => return Err(ConnectionError::ClosedByServer(String::new())),
                         Some(frame) => frame?,
                     };
                     last_heard = Instant::now();
                     match frame {
                         Message::Text(text) => self.handle_text(&text).await?,
-                        Message::Close(_) => return Err(ConnectionError::ClosedByServer),
+                        Message::Close(frame) => {
+                            let reason = frame.map(|frame| format!(": {}", frame.reason)).unwrap_or_default();
+                            return Err(ConnectionError::ClosedByServer(reason));
+                        }
                         Message::Binary(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     }
                 }
@@ -266,6 +270,7 @@ mod tests {
         assert_eq!(
             hello,
             AgentMessage::Hello {
+                protocol_version: PROTOCOL_VERSION,
                 agent_id: "test-agent".into(),
                 concurrency: 2,
                 journal: JournalSummary::default(),

@@ -17,6 +17,10 @@ pub type CommandId = i32;
 /// late or duplicate results from an attempt it has already given up on.
 pub type Attempt = i32;
 
+/// Version of this protocol, sent in [`AgentMessage::Hello`]; the server
+/// refuses agents that speak another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
 /// Longest agent id the server accepts.
 pub const MAX_AGENT_ID_LEN: usize = 64;
 
@@ -109,6 +113,8 @@ pub enum AgentMessage {
     /// First message on every connection: who the agent is and what it knows.
     #[serde(rename_all = "camelCase")]
     Hello {
+        /// [`PROTOCOL_VERSION`] of the agent.
+        protocol_version: u32,
         /// Stable agent id (see [`is_valid_agent_id`]).
         agent_id: String,
         /// How many commands the agent runs at once.
@@ -160,6 +166,7 @@ mod tests {
         let attempt = AttemptRef { command_id: 7, attempt: 2 };
         let messages = vec![
             AgentMessage::Hello {
+                protocol_version: PROTOCOL_VERSION,
                 agent_id: "a-1".into(),
                 concurrency: 3,
                 journal: JournalSummary {
