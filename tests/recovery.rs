@@ -132,6 +132,35 @@ fn commands_of_an_agent_that_never_returns_are_settled_after_the_grace_period() 
     assert_eq!((rerun["agentId"].clone(), rerun["attempts"].clone()), (json!("g-rescuer"), json!(2)));
 }
 
+#[test]
+fn partitioned_agent_is_noticed_and_its_late_result_is_ignored() {
+    let dir = scratch();
+    let server = Server::start(dir.path(), GRACE_MS);
+    let mut frozen = Agent::start(dir.path(), &server.url, "p-frozen", &[]);
+    server.wait_connected(&["p-frozen"]);
+    let id = server.submit(json!({"type": "DELAY", "payload": {"ms": 2000}, "idempotent": true}));
+    frozen.wait_journal("started", id);
+    frozen.signal("-STOP");
+
+    wait_for("the server to notice the dead connection", WAIT, || {
+        let agents = server.get("/agents");
+        (agents["agents"][0]["connected"] == json!(false)).then_some(())
+    });
+    server.wait_status(id, &["PENDING"]);
+    let _healthy = Agent::start(dir.path(), &server.url, "p-healthy", &[]);
+    let done = server.wait_status(id, &["COMPLETED"]);
+    assert_eq!((done["agentId"].clone(), done["attempts"].clone()), (json!("p-healthy"), json!(2)));
+
+    // The partition heals: the frozen agent finishes attempt 1 and reports it.
+    frozen.signal("-CONT");
+    frozen.wait_journal("acked", id);
+    server.wait_connected(&["p-frozen", "p-healthy"]);
+    let after = server.command(id);
+    assert_eq!((after["agentId"].clone(), after["attempts"].clone()), (json!("p-healthy"), json!(2)));
+    assert_eq!(after["result"], done["result"], "the stale result changed nothing");
+    frozen.kill();
+}
+
 /// Runs three agents with failure flags under a restart loop until every
 /// command is final, then checks that every idempotent command completed and
 /// no non-idempotent command executed twice. Returns how many times agents

@@ -248,6 +248,16 @@ impl Agent {
         self.child.wait().expect("reap fleet-agent");
     }
 
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the process: to its peers it
+    /// looks like a network partition.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Whether the process is still alive (reaps it if not).
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
