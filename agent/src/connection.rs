@@ -198,6 +198,7 @@ impl Session<'_> {
                         );
                         self.send(&AgentMessage::Result(report)).await?;
                     }
+                    ExecuteDecision::Refused(report) => self.send(&AgentMessage::Result(report)).await?,
                     ExecuteDecision::Ignore => log::info!(
                         "ignoring execute of command {} attempt {}: already known",
                         attempt.command_id,

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fleet_protocol::{AttemptRef, AttemptReport, CommandSpec, JournalSummary};
+use fleet_protocol::{AttemptRef, AttemptReport, CommandSpec, JournalSummary, Outcome};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::executor::{Executor, MidwayHook};
@@ -20,8 +20,11 @@ pub enum ExecuteDecision {
     Started,
     /// The attempt already finished: send this result again.
     ResendResult(AttemptReport),
-    /// The attempt is already running or was interrupted, or could not be
-    /// journaled: do nothing.
+    /// The attempt could not be journaled, so it was not run: report this
+    /// failure (sent once, not journaled; if it is lost the server settles the
+    /// attempt as unknown to the agent, which is the truth).
+    Refused(AttemptReport),
+    /// The attempt is already running or was interrupted: do nothing.
     Ignore,
 }
 
@@ -150,7 +153,8 @@ impl AgentState {
                     attempt.command_id,
                     attempt.attempt
                 );
-                return ExecuteDecision::Ignore;
+                let result = serde_json::json!({ "error": format!("agent could not journal the command, so did not run it: {error}") });
+                return ExecuteDecision::Refused(AttemptReport { attempt, outcome: Outcome { success: false, result } });
             }
             attempts.in_progress.insert(attempt);
         }
@@ -215,7 +219,6 @@ impl AgentState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_protocol::Outcome;
     use serde_json::json;
 
     fn attempt(command_id: i32, attempt: i32) -> AttemptRef {
