@@ -104,37 +104,41 @@ type ApiResult = Result<HttpResponse, ApiError>;
 
 /// Registers all routes, with JSON error handlers for unparsable input.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(
-        web::JsonConfig::default()
-            .limit(MAX_BODY_BYTES)
-            .error_handler(|e, _| bad_input("body", e)),
-    )
-    .app_data(web::PathConfig::default().error_handler(|e, _| bad_input("path", e)))
-    .app_data(web::QueryConfig::default().error_handler(|e, _| bad_input("query", e)))
-    .service(dashboard)
-    .service(health)
-    .service(submit)
-    .service(broadcast)
-    .service(get_command)
-    .service(list_commands)
-    .service(cancel)
-    .service(list_agents)
-    .service(stats)
-    .service(inject_failure)
-    .service(agent_socket)
-    .default_service(web::to(|| async { ApiError::NotFound("no such endpoint".into()).error_response() }));
+    cfg.app_data(web::JsonConfig::default().limit(MAX_BODY_BYTES).error_handler(|e, _| bad_input("body", e)))
+        .app_data(web::PathConfig::default().error_handler(|e, _| bad_input("path", e)))
+        .app_data(web::QueryConfig::default().error_handler(|e, _| bad_input("query", e)))
+        .service(dashboard)
+        .service(health)
+        .service(submit)
+        .service(broadcast)
+        .service(get_command)
+        .service(list_commands)
+        .service(cancel)
+        .service(list_agents)
+        .service(stats)
+        .service(inject_failure)
+        .service(openapi)
+        .service(agent_socket)
+        .default_service(web::to(|| async { ApiError::NotFound("no such endpoint".into()).error_response() }));
 }
 
 fn bad_input(part: &str, e: impl std::fmt::Display) -> actix_web::Error {
-    error::InternalError::from_response("", ApiError::BadRequest(format!("invalid request {part}: {e}")).error_response())
-        .into()
+    error::InternalError::from_response(
+        "",
+        ApiError::BadRequest(format!("invalid request {part}: {e}")).error_response(),
+    )
+    .into()
 }
 
 #[get("/")]
 async fn dashboard() -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(include_str!("dashboard.html"))
+    HttpResponse::Ok().content_type("text/html; charset=utf-8").body(include_str!("dashboard.html"))
+}
+
+/// The OpenAPI 3.0 description of this REST API (hand-written, `src/openapi.json`).
+#[get("/openapi.json")]
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(include_str!("openapi.json"))
 }
 
 #[get("/health")]
@@ -152,7 +156,6 @@ const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 struct SubmitRequest {
     #[serde(rename = "type")]
     command_type: String,
-    #[serde(default)]
     payload: Value,
     agent_id: Option<String>,
     #[serde(default)]
@@ -162,7 +165,6 @@ struct SubmitRequest {
 #[post("/commands")]
 async fn submit(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Value>) -> ApiResult {
     let request: SubmitRequest = parse_body(&body)?;
-    let spec = validation::command_spec(&request.command_type, &request.payload)?;
     let targets = match request.agent_id {
         Some(agent) => {
             validation::agent_id(&agent)?;
@@ -170,12 +172,7 @@ async fn submit(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Va
         }
         None => Targets::AnyAgent,
     };
-    let submission = CreateCommands {
-        spec,
-        idempotent: request.idempotent,
-        targets,
-        idempotency_key: idempotency_key(&req, &body)?,
-    };
+    let submission = submission(&req, &body, &request.command_type, &request.payload, request.idempotent, targets)?;
     let (status, created) = create(&state, submission).await?;
     let command_id = created.first().map(|(_, id)| *id);
     Ok(HttpResponse::build(status).json(json!({ "commandId": command_id })))
@@ -187,7 +184,6 @@ async fn submit(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Va
 struct BroadcastRequest {
     #[serde(rename = "type")]
     command_type: String,
-    #[serde(default)]
     payload: Value,
     agent_ids: Option<Vec<String>>,
     #[serde(default)]
@@ -199,26 +195,17 @@ struct BroadcastRequest {
 #[post("/commands/broadcast")]
 async fn broadcast(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Value>) -> ApiResult {
     let request: BroadcastRequest = parse_body(&body)?;
-    let spec = validation::command_spec(&request.command_type, &request.payload)?;
     let targets = match (request.agent_ids, request.all) {
         (Some(ids), false) => Targets::Agents(validation::broadcast_agents(ids)?),
         (None, true) => Targets::AllKnownAgents,
         _ => return Err(ApiError::BadRequest("give exactly one of agentIds or all: true".into())),
     };
-    let submission = CreateCommands {
-        spec,
-        idempotent: request.idempotent,
-        targets,
-        idempotency_key: idempotency_key(&req, &body)?,
-    };
+    let submission = submission(&req, &body, &request.command_type, &request.payload, request.idempotent, targets)?;
     let (status, created) = create(&state, submission).await?;
     if created.is_empty() {
         return Err(ApiError::Conflict("no agent has ever registered; nothing to broadcast to".into()));
     }
-    let commands: Vec<Value> = created
-        .iter()
-        .map(|(agent, id)| json!({ "agentId": agent, "commandId": id }))
-        .collect();
+    let commands: Vec<Value> = created.iter().map(|(agent, id)| json!({ "agentId": agent, "commandId": id })).collect();
     let ids: Vec<CommandId> = created.iter().map(|(_, id)| *id).collect();
     Ok(HttpResponse::build(status).json(json!({ "commandIds": ids, "commands": commands })))
 }
@@ -227,16 +214,32 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiErro
     T::deserialize(body).map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
 }
 
+/// Validates a command and builds its submission to `targets`.
+fn submission(
+    req: &HttpRequest,
+    body: &Value,
+    command_type: &str,
+    payload: &Value,
+    idempotent: bool,
+    targets: Targets,
+) -> Result<CreateCommands, ApiError> {
+    Ok(CreateCommands {
+        spec: validation::command_spec(command_type, payload)?,
+        idempotent,
+        targets,
+        idempotency_key: idempotency_key(req, body)?,
+    })
+}
+
 /// The request's `Idempotency-Key`, paired with the request it protects.
 fn idempotency_key(req: &HttpRequest, body: &Value) -> Result<Option<IdempotencyKey>, ApiError> {
     let Some(header) = req.headers().get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
-    let key = header
-        .to_str()
-        .ok()
-        .filter(|key| (1..=255).contains(&key.len()))
-        .ok_or_else(|| ApiError::BadRequest(format!("{IDEMPOTENCY_KEY} must be 1 to 255 visible ASCII characters")))?;
+    let key =
+        header.to_str().ok().filter(|key| (1..=255).contains(&key.len())).ok_or_else(|| {
+            ApiError::BadRequest(format!("{IDEMPOTENCY_KEY} must be 1 to 255 visible ASCII characters"))
+        })?;
     Ok(Some(IdempotencyKey { key: key.to_string(), request: format!("{} {body}", req.path()) }))
 }
 
@@ -249,9 +252,9 @@ async fn create(state: &AppState, submission: CreateCommands) -> Result<(StatusC
             Ok((StatusCode::CREATED, created))
         }
         Submission::Replayed(created) => Ok((StatusCode::OK, created)),
-        Submission::KeyReused => Err(ApiError::Unprocessable(format!(
-            "this {IDEMPOTENCY_KEY} was already used for a different request"
-        ))),
+        Submission::KeyReused => {
+            Err(ApiError::Unprocessable(format!("this {IDEMPOTENCY_KEY} was already used for a different request")))
+        }
     }
 }
 
@@ -303,9 +306,9 @@ async fn cancel(state: web::Data<AppState>, id: web::Path<CommandId>) -> ApiResu
     match state.persistence.send(CancelCommand(id)).await?? {
         CancelOutcome::Cancelled(record) => Ok(HttpResponse::Ok().json(record)),
         CancelOutcome::NotFound => Err(ApiError::NotFound(format!("no command {id}"))),
-        CancelOutcome::TooLate(status) => Err(ApiError::Conflict(format!(
-            "command {id} is {status}; only PENDING commands can be cancelled"
-        ))),
+        CancelOutcome::TooLate(status) => {
+            Err(ApiError::Conflict(format!("command {id} is {status}; only PENDING commands can be cancelled")))
+        }
     }
 }
 
@@ -357,9 +360,11 @@ async fn inject_failure(state: web::Data<AppState>, actor: web::Path<String>) ->
 }
 
 #[get("/ws")]
-async fn agent_socket(state: web::Data<AppState>, req: HttpRequest, stream: web::Payload) -> Result<HttpResponse, actix_web::Error> {
+async fn agent_socket(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    stream: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
     let session = AgentSession::new(state.dispatcher.clone(), state.persistence.clone(), state.heartbeat);
-    ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(MAX_FRAME_BYTES)
-        .start()
+    ws::WsResponseBuilder::new(session, &req, stream).frame_size(MAX_FRAME_BYTES).start()
 }

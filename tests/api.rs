@@ -38,8 +38,11 @@ fn bad_input_gets_400_with_a_json_error() {
         let (status, body) = server.request("POST", "/commands/broadcast", Some(broadcast.clone()));
         assert_eq!(status, 400, "{broadcast} -> {body}");
     }
-    let (status, body) =
-        server.request("POST", "/commands/broadcast", Some(json!({"type": "DELAY", "payload": {"ms": 1}, "all": true})));
+    let (status, body) = server.request(
+        "POST",
+        "/commands/broadcast",
+        Some(json!({"type": "DELAY", "payload": {"ms": 1}, "all": true})),
+    );
     assert_eq!(status, 409, "broadcast to all with no agent registered: {body}");
     for path in ["/commands/abc", "/commands?status=DONE", "/commands?limit=0", "/commands?offset=-1"] {
         let (status, body) = server.request("GET", path, None);
@@ -65,7 +68,8 @@ fn pending_commands_can_be_cancelled_once() {
     let (status, body) = server.request("POST", &format!("/commands/{id}/cancel"), None);
     assert_eq!(status, 409, "{body}");
     let listed = server.get("/commands?status=CANCELLED&agentId=nobody");
-    let ids: Vec<i64> = listed["commands"].as_array().unwrap().iter().map(|c| c["commandId"].as_i64().unwrap()).collect();
+    let ids: Vec<i64> =
+        listed["commands"].as_array().unwrap().iter().map(|c| c["commandId"].as_i64().unwrap()).collect();
     assert_eq!(ids, vec![id]);
 }
 
@@ -96,9 +100,15 @@ fn a_retried_submission_with_an_idempotency_key_creates_nothing_new() {
     let _agent = Agent::start(dir.path(), &server.url, "k-agent", &[]);
     server.wait_connected(&["k-agent"]);
     let broadcast = json!({"type": "DELAY", "payload": {"ms": 5}, "all": true});
-    let (status, first) = server.request_with_headers("POST", "/commands/broadcast", Some(broadcast.clone()), &[("Idempotency-Key", "b-1")]);
+    let (status, first) = server.request_with_headers(
+        "POST",
+        "/commands/broadcast",
+        Some(broadcast.clone()),
+        &[("Idempotency-Key", "b-1")],
+    );
     assert_eq!(status, 201, "{first}");
-    let (status, again) = server.request_with_headers("POST", "/commands/broadcast", Some(broadcast), &[("Idempotency-Key", "b-1")]);
+    let (status, again) =
+        server.request_with_headers("POST", "/commands/broadcast", Some(broadcast), &[("Idempotency-Key", "b-1")]);
     assert_eq!((status, &again), (200, &first));
 }
 
@@ -129,8 +139,11 @@ fn broadcast_reaches_every_agent_once() {
     let _agents: Vec<Agent> = names.iter().map(|id| Agent::start(dir.path(), &server.url, id, &[])).collect();
     server.wait_connected(&names);
 
-    let (status, body) =
-        server.request("POST", "/commands/broadcast", Some(json!({"type": "DELAY", "payload": {"ms": 10}, "all": true})));
+    let (status, body) = server.request(
+        "POST",
+        "/commands/broadcast",
+        Some(json!({"type": "DELAY", "payload": {"ms": 10}, "all": true})),
+    );
     assert_eq!(status, 201, "{body}");
     let (status, listed) = server.request(
         "POST",
@@ -158,7 +171,9 @@ fn untargeted_commands_spread_over_agents_and_report_http_results() {
     server.wait_connected(&["s-1", "s-2"]);
     let ids: Vec<i64> = (0..8)
         .map(|n| {
-            server.submit(json!({"type": "HTTP_GET_JSON", "payload": {"url": target.url_for(&format!("/spread/{n}"), 300)}}))
+            server.submit(
+                json!({"type": "HTTP_GET_JSON", "payload": {"url": target.url_for(&format!("/spread/{n}"), 300)}}),
+            )
         })
         .collect();
     let done = server.wait_all_final(&ids, WAIT);
@@ -182,7 +197,8 @@ fn unreachable_http_target_fails_the_command_with_an_error() {
     let server = Server::start(dir.path(), GRACE_MS);
     let _agent = Agent::start(dir.path(), &server.url, "e-1", &[]);
     let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let id = server.submit(json!({"type": "HTTP_GET_JSON", "payload": {"url": format!("http://127.0.0.1:{closed_port}/")}}));
+    let id =
+        server.submit(json!({"type": "HTTP_GET_JSON", "payload": {"url": format!("http://127.0.0.1:{closed_port}/")}}));
     let command = server.wait_status(id, &["COMPLETED", "FAILED"]);
     assert_eq!(command["status"], "FAILED", "{command}");
     assert!(command["result"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{command}");
@@ -232,4 +248,75 @@ fn stats_and_agents_describe_the_fleet() {
         (agents["agents"][0]["connected"] == json!(false)).then_some(())
     });
     assert_eq!(server.get("/health"), json!({"status": "ok"}));
+}
+
+#[test]
+fn openapi_document_describes_every_route() {
+    let dir = scratch();
+    let server = Server::start(dir.path(), GRACE_MS);
+    let document = server.get("/openapi.json");
+    assert!(document["openapi"].as_str().is_some_and(|version| version.starts_with("3.")), "{}", document["openapi"]);
+
+    let paths = document["paths"].as_object().expect("paths");
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort_unstable();
+    assert_eq!(
+        documented,
+        [
+            "/admin/fail/{actor}",
+            "/agents",
+            "/commands",
+            "/commands/broadcast",
+            "/commands/{id}",
+            "/commands/{id}/cancel",
+            "/health",
+            "/openapi.json",
+            "/stats",
+        ]
+    );
+
+    // Every GET without a body or path parameter answers 200 on the live server.
+    let takes_path_parameter = |item: &Value| {
+        item["parameters"].as_array().is_some_and(|parameters| parameters.iter().any(|p| p["in"] == "path"))
+    };
+    let mut called = Vec::new();
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().expect("path item") {
+            let plain = method == "get"
+                && operation.get("requestBody").is_none()
+                && !path.contains('{')
+                && !takes_path_parameter(item)
+                && !takes_path_parameter(operation);
+            if plain {
+                assert!(operation["responses"]["200"].is_object(), "GET {path} documents no 200");
+                server.get(path);
+                called.push(path.as_str());
+            }
+        }
+    }
+    assert_eq!(called.len(), 5, "{called:?}");
+
+    // Every $ref points to an existing schema.
+    fn refs<'a>(value: &'a Value, found: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(fields) => {
+                for (key, field) in fields {
+                    match (key.as_str(), field) {
+                        ("$ref", Value::String(target)) => found.push(target),
+                        _ => refs(field, found),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|item| refs(item, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    refs(&document, &mut found);
+    assert!(!found.is_empty());
+    let schemas = document["components"]["schemas"].as_object().expect("components.schemas");
+    for target in found {
+        let name = target.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected $ref {target}"));
+        assert!(schemas.contains_key(name), "$ref {target} names no schema");
+    }
 }
