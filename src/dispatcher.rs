@@ -168,7 +168,8 @@ impl Dispatcher {
         if now - self.started_at_ms < grace_ms {
             return;
         }
-        let request = ExpireOrphans { connected: self.sessions.keys().cloned().collect(), seen_before_ms: now - grace_ms };
+        let request =
+            ExpireOrphans { connected: self.sessions.keys().cloned().collect(), seen_before_ms: now - grace_ms };
         let expire = self.persistence.send(request).into_actor(self).map(|expired, act, ctx| match expired {
             Ok(Ok(0)) => {}
             Ok(Ok(count)) => {
@@ -217,12 +218,17 @@ impl Handler<Register> for Dispatcher {
         if let Some(previous) = self.sessions.remove(&msg.agent_id) {
             previous.session.do_send(Superseded);
         }
-        let reconcile = Reconcile { agent_id: msg.agent_id.clone(), concurrency: msg.concurrency, journal: msg.journal };
+        let reconcile =
+            Reconcile { agent_id: msg.agent_id.clone(), concurrency: msg.concurrency, journal: msg.journal };
         AtomicResponse::new(Box::pin(self.persistence.send(reconcile).into_actor(self).map(
             move |settled, act, ctx| {
                 let acks = settled??;
-                info!("agent {} registered (session {}, concurrency {})", msg.agent_id, msg.session_id, msg.concurrency);
-                let agent = ConnectedAgent { session_id: msg.session_id, concurrency: msg.concurrency, session: msg.session };
+                info!(
+                    "agent {} registered (session {}, concurrency {})",
+                    msg.agent_id, msg.session_id, msg.concurrency
+                );
+                let agent =
+                    ConnectedAgent { session_id: msg.session_id, concurrency: msg.concurrency, session: msg.session };
                 act.connect(msg.agent_id, agent);
                 act.schedule_dispatch(ctx);
                 Ok(acks)
@@ -238,7 +244,8 @@ impl Handler<Announce> for Dispatcher {
         let newer = self.sessions.get(&msg.agent_id).is_none_or(|known| known.session_id < msg.session_id);
         if newer {
             info!("agent {} announced session {}", msg.agent_id, msg.session_id);
-            let agent = ConnectedAgent { session_id: msg.session_id, concurrency: msg.concurrency, session: msg.session };
+            let agent =
+                ConnectedAgent { session_id: msg.session_id, concurrency: msg.concurrency, session: msg.session };
             self.connect(msg.agent_id, agent);
             self.schedule_dispatch(ctx);
         }

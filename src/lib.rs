@@ -37,9 +37,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     persistence::migrate(&config.database)?;
     let database = config.database.clone();
     let persistence_arbiter = Arbiter::new();
-    let persistence = Supervisor::start_in_arbiter(&persistence_arbiter.handle(), move |_| {
-        persistence::Persistence::new(database)
-    });
+    let persistence =
+        Supervisor::start_in_arbiter(&persistence_arbiter.handle(), move |_| persistence::Persistence::new(database));
     let grace_period = config.grace_period();
     let dispatcher_persistence = persistence.clone();
     let dispatcher = Supervisor::start(move |_| dispatcher::Dispatcher::new(dispatcher_persistence, grace_period));
@@ -49,17 +48,12 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         heartbeat: config.heartbeat(),
         fault_injection: config.enable_fault_injection,
     });
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure))
-        .bind(&config.bind)?;
+    let server =
+        HttpServer::new(move || App::new().app_data(state.clone()).configure(api::configure)).bind(&config.bind)?;
     for address in server.addrs() {
         info!("listening on http://{address}");
     }
-    info!(
-        "database {}, grace period {:?}, heartbeat {:?}",
-        config.database,
-        grace_period,
-        config.heartbeat().interval
-    );
+    info!("database {}, grace period {:?}, heartbeat {:?}", config.database, grace_period, config.heartbeat().interval);
     server.run().await?;
     persistence_arbiter.stop();
     Ok(())

@@ -29,13 +29,8 @@ pub enum Status {
 
 impl Status {
     /// All statuses, in lifecycle order.
-    pub const ALL: [Status; 5] = [
-        Status::Pending,
-        Status::Running,
-        Status::Completed,
-        Status::Failed,
-        Status::Cancelled,
-    ];
+    pub const ALL: [Status; 5] =
+        [Status::Pending, Status::Running, Status::Completed, Status::Failed, Status::Cancelled];
 
     /// The name stored in the database and shown in the API.
     pub fn as_str(self) -> &'static str {
@@ -91,9 +86,7 @@ impl LostAttempt {
     fn describe(self) -> &'static str {
         match self {
             LostAttempt::Interrupted => "the agent crashed while executing it",
-            LostAttempt::UnknownToAgent => {
-                "the agent reconnected without any record of receiving it"
-            }
+            LostAttempt::UnknownToAgent => "the agent reconnected without any record of receiving it",
             LostAttempt::AgentGone => "the agent did not come back within the grace period",
         }
     }
@@ -113,10 +106,7 @@ pub struct Resolution {
 /// FAILED for an operator to review and never handed out a second time.
 pub fn resolve_lost_attempt(idempotent: bool, why: LostAttempt) -> Resolution {
     if idempotent {
-        Resolution {
-            status: Status::Pending,
-            reason: format!("requeued: {}", why.describe()),
-        }
+        Resolution { status: Status::Pending, reason: format!("requeued: {}", why.describe()) }
     } else {
         Resolution {
             status: Status::Failed,

@@ -53,9 +53,7 @@ pub fn open(database: &str) -> Result<SqliteConnection, PersistenceError> {
 /// Creates or upgrades the schema of `database`; called once at boot.
 pub fn migrate(database: &str) -> Result<(), PersistenceError> {
     let mut conn = open(database)?;
-    let applied = conn
-        .run_pending_migrations(MIGRATIONS)
-        .map_err(|e| PersistenceError::Migration(e.to_string()))?;
+    let applied = conn.run_pending_migrations(MIGRATIONS).map_err(|e| PersistenceError::Migration(e.to_string()))?;
     for migration in applied {
         info!("applied migration {migration}");
     }
@@ -508,10 +506,7 @@ fn record_result(conn: &mut SqliteConnection, agent_id: &str, report: &AttemptRe
     ))
     .execute(conn)?;
     if changed == 1 {
-        info!(
-            "command {} attempt {} {} on {agent_id}",
-            report.attempt.command_id, report.attempt.attempt, status
-        );
+        info!("command {} attempt {} {} on {agent_id}", report.attempt.command_id, report.attempt.attempt, status);
     } else {
         info!(
             "ignored stale result for command {} attempt {} from {agent_id}",
@@ -548,13 +543,9 @@ fn create_commands(conn: &mut SqliteConnection, msg: CreateCommands) -> Result<S
     let targets: Vec<Option<String>> = match msg.targets {
         Targets::AnyAgent => vec![None],
         Targets::Agents(ids) => ids.into_iter().map(Some).collect(),
-        Targets::AllKnownAgents => agents::table
-            .select(agents::id)
-            .order(agents::id)
-            .load::<String>(conn)?
-            .into_iter()
-            .map(Some)
-            .collect(),
+        Targets::AllKnownAgents => {
+            agents::table.select(agents::id).order(agents::id).load::<String>(conn)?.into_iter().map(Some).collect()
+        }
     };
     let mut created = Vec::with_capacity(targets.len());
     for target in targets {
@@ -594,11 +585,8 @@ impl Handler<ListCommands> for Persistence {
                 query = query.filter(commands::status.eq(status.as_str()));
             }
             if let Some(agent) = filter.agent_id {
-                query = query.filter(
-                    commands::assigned_agent_id
-                        .eq(agent.clone())
-                        .or(commands::target_agent_id.eq(agent)),
-                );
+                query =
+                    query.filter(commands::assigned_agent_id.eq(agent.clone()).or(commands::target_agent_id.eq(agent)));
             }
             query
                 .order(commands::id.desc())
@@ -641,15 +629,11 @@ impl Handler<CountByStatus> for Persistence {
 
     fn handle(&mut self, _: CountByStatus, ctx: &mut Context<Self>) -> Self::Result {
         self.run(ctx, |conn| {
-            let rows: Vec<(String, i64)> = commands::table
-                .group_by(commands::status)
-                .select((commands::status, count_star()))
-                .load(conn)?;
+            let rows: Vec<(String, i64)> =
+                commands::table.group_by(commands::status).select((commands::status, count_star())).load(conn)?;
             let mut counts: HashMap<Status, i64> = Status::ALL.into_iter().map(|s| (s, 0)).collect();
             for (status, count) in rows {
-                let status = status
-                    .parse()
-                    .map_err(|e| PersistenceError::CorruptRow(format!("{e}")))?;
+                let status = status.parse().map_err(|e| PersistenceError::CorruptRow(format!("{e}")))?;
                 counts.insert(status, count);
             }
             Ok(counts)
@@ -663,17 +647,14 @@ impl Handler<CancelCommand> for Persistence {
     fn handle(&mut self, CancelCommand(id): CancelCommand, ctx: &mut Context<Self>) -> Self::Result {
         self.run(ctx, |conn| {
             conn.transaction(|conn| {
-                let changed = diesel::update(
-                    commands::table
-                        .find(id)
-                        .filter(commands::status.eq(Status::Pending.as_str())),
-                )
-                .set((
-                    commands::status.eq(Status::Cancelled.as_str()),
-                    commands::status_reason.eq("cancelled by operator"),
-                    commands::updated_at_ms.eq(now_ms()),
-                ))
-                .execute(conn)?;
+                let changed =
+                    diesel::update(commands::table.find(id).filter(commands::status.eq(Status::Pending.as_str())))
+                        .set((
+                            commands::status.eq(Status::Cancelled.as_str()),
+                            commands::status_reason.eq("cancelled by operator"),
+                            commands::updated_at_ms.eq(now_ms()),
+                        ))
+                        .execute(conn)?;
                 Ok(match load_command(conn, id)? {
                     None => CancelOutcome::NotFound,
                     Some(record) if changed == 1 => {
@@ -797,16 +778,17 @@ fn claim_pending(conn: &mut SqliteConnection, slots: &[AgentSlot]) -> Result<Vec
 
 /// Moves PENDING command `id` to RUNNING on `agent_id` under a new attempt number.
 fn assign(conn: &mut SqliteConnection, id: CommandId, agent_id: &str) -> Result<Assignment, PersistenceError> {
-    let row: CommandRow = diesel::update(commands::table.find(id).filter(commands::status.eq(Status::Pending.as_str())))
-        .set((
-            commands::status.eq(Status::Running.as_str()),
-            commands::assigned_agent_id.eq(agent_id),
-            commands::attempts.eq(commands::attempts + 1),
-            commands::status_reason.eq(None::<String>),
-            commands::updated_at_ms.eq(now_ms()),
-        ))
-        .returning(CommandRow::as_returning())
-        .get_result(conn)?;
+    let row: CommandRow =
+        diesel::update(commands::table.find(id).filter(commands::status.eq(Status::Pending.as_str())))
+            .set((
+                commands::status.eq(Status::Running.as_str()),
+                commands::assigned_agent_id.eq(agent_id),
+                commands::attempts.eq(commands::attempts + 1),
+                commands::status_reason.eq(None::<String>),
+                commands::updated_at_ms.eq(now_ms()),
+            ))
+            .returning(CommandRow::as_returning())
+            .get_result(conn)?;
     let record = CommandRecord::try_from(row)?;
     info!("command {id} attempt {} assigned to {agent_id}", record.attempts);
     Ok(Assignment {
@@ -854,9 +836,7 @@ impl Handler<TouchAgent> for Persistence {
 
     fn handle(&mut self, TouchAgent(agent_id): TouchAgent, ctx: &mut Context<Self>) -> Self::Result {
         self.run(ctx, |conn| {
-            diesel::update(agents::table.find(agent_id))
-                .set(agents::last_seen_ms.eq(now_ms()))
-                .execute(conn)?;
+            diesel::update(agents::table.find(agent_id)).set(agents::last_seen_ms.eq(now_ms())).execute(conn)?;
             Ok(())
         })
     }

@@ -86,7 +86,9 @@ impl AgentSession {
                 if protocol_version != PROTOCOL_VERSION {
                     return self.reject(
                         ctx,
-                        format!("protocol version {protocol_version} is not supported (server speaks {PROTOCOL_VERSION})"),
+                        format!(
+                            "protocol version {protocol_version} is not supported (server speaks {PROTOCOL_VERSION})"
+                        ),
                     );
                 }
                 if !is_valid_agent_id(&agent_id) {
@@ -103,15 +105,13 @@ impl AgentSession {
                     journal,
                 };
                 // Handle nothing else from this agent until its journal is settled.
-                ctx.wait(self.dispatcher.send(register).into_actor(self).map(move |settled, act, ctx| {
-                    match settled {
-                        Ok(Ok(acks)) => {
-                            acks.into_iter().for_each(|attempt| Self::send(ctx, &ServerMessage::Ack(attempt)));
-                            act.registration = Some(Registration { agent_id, concurrency });
-                        }
-                        Ok(Err(e)) => act.reject(ctx, format!("registration failed: {e}")),
-                        Err(e) => act.reject(ctx, format!("registration failed: dispatcher unavailable: {e}")),
+                ctx.wait(self.dispatcher.send(register).into_actor(self).map(move |settled, act, ctx| match settled {
+                    Ok(Ok(acks)) => {
+                        acks.into_iter().for_each(|attempt| Self::send(ctx, &ServerMessage::Ack(attempt)));
+                        act.registration = Some(Registration { agent_id, concurrency });
                     }
+                    Ok(Err(e)) => act.reject(ctx, format!("registration failed: {e}")),
+                    Err(e) => act.reject(ctx, format!("registration failed: dispatcher unavailable: {e}")),
                 }));
             }
             (AgentMessage::Hello { .. }, Some(_)) => self.reject(ctx, "second Hello on one connection".into()),

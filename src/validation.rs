@@ -21,9 +21,7 @@ fn invalid(message: impl Into<String>) -> ValidationError {
 
 /// Builds a command from its `type` and `payload`, checking both.
 pub fn command_spec(command_type: &str, payload: &Value) -> Result<CommandSpec, ValidationError> {
-    let fields = payload
-        .as_object()
-        .ok_or_else(|| invalid("payload must be a JSON object"))?;
+    let fields = payload.as_object().ok_or_else(|| invalid("payload must be a JSON object"))?;
     let only = |allowed: &str| match fields.keys().find(|key| key.as_str() != allowed) {
         Some(extra) => Err(invalid(format!("unexpected field payload.{extra} for {command_type}"))),
         None => Ok(()),
@@ -67,9 +65,7 @@ pub fn agent_id(id: &str) -> Result<(), ValidationError> {
     if is_valid_agent_id(id) {
         Ok(())
     } else {
-        Err(invalid(format!(
-            "invalid agent id {id:?}: use 1 to {MAX_AGENT_ID_LEN} letters, digits, '-', '_' or '.'"
-        )))
+        Err(invalid(format!("invalid agent id {id:?}: use 1 to {MAX_AGENT_ID_LEN} letters, digits, '-', '_' or '.'")))
     }
 }
 
@@ -107,7 +103,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_delays() {
-        for payload in [json!({"ms": -1}), json!({"ms": 1.5}), json!({"ms": "10"}), json!({}), json!({"ms": MAX_DELAY_MS + 1})] {
+        for payload in
+            [json!({"ms": -1}), json!({"ms": 1.5}), json!({"ms": "10"}), json!({}), json!({"ms": MAX_DELAY_MS + 1})]
+        {
             assert!(command_spec("DELAY", &payload).is_err(), "{payload}");
         }
         assert!(command_spec("DELAY", &json!({"ms": 1, "extra": true})).is_err());

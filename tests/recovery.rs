@@ -77,10 +77,8 @@ fn server_crash_with_running_commands_loses_nothing_and_duplicates_nothing() {
     let dir = scratch();
     let mut server = Server::start(dir.path(), GRACE_MS);
     let target = Target::start();
-    let _agents: Vec<Agent> = ["r-1", "r-2"]
-        .iter()
-        .map(|id| Agent::start(dir.path(), &server.url, id, &["--concurrency", "3"]))
-        .collect();
+    let _agents: Vec<Agent> =
+        ["r-1", "r-2"].iter().map(|id| Agent::start(dir.path(), &server.url, id, &["--concurrency", "3"])).collect();
     server.wait_connected(&["r-1", "r-2"]);
     let ids: Vec<i64> = (0..10)
         .map(|n| {
@@ -169,10 +167,8 @@ fn converge_despite_crashes(agent_flags: &[&str]) -> usize {
     let dir = scratch();
     let server = Server::start(dir.path(), GRACE_MS);
     let target = Target::start();
-    let mut agents: Vec<Agent> = ["c-1", "c-2", "c-3"]
-        .iter()
-        .map(|id| Agent::start(dir.path(), &server.url, id, agent_flags))
-        .collect();
+    let mut agents: Vec<Agent> =
+        ["c-1", "c-2", "c-3"].iter().map(|id| Agent::start(dir.path(), &server.url, id, agent_flags)).collect();
     let http_commands = (0..24).map(|n| {
         let path = format!("/c/{n}");
         let command = json!({"type": "HTTP_GET_JSON", "payload": {"url": target.url_for(&path, 300)}});
@@ -200,10 +196,7 @@ fn converge_despite_crashes(agent_flags: &[&str]) -> usize {
             restarts += 1;
         }
         let commands: Vec<Value> = ids.iter().map(|id| server.command(*id)).collect();
-        commands
-            .iter()
-            .all(|c| matches!(c["status"].as_str(), Some("COMPLETED" | "FAILED")))
-            .then_some(commands)
+        commands.iter().all(|c| matches!(c["status"].as_str(), Some("COMPLETED" | "FAILED"))).then_some(commands)
     });
     for ((id, idempotent, path), command) in submitted.iter().zip(&done) {
         let completed = command["status"] == "COMPLETED";

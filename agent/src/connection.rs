@@ -58,9 +58,8 @@ impl From<tungstenite::Error> for ConnectionError {
 /// (`http://h:p` becomes `ws://h:p/ws`, `https` becomes `wss`).
 pub fn websocket_url(server: &str) -> Result<String, ConnectionError> {
     let server = server.trim().trim_end_matches('/');
-    let (scheme, rest) = server
-        .split_once("://")
-        .ok_or_else(|| ConnectionError::InvalidServerUrl(server.to_string()))?;
+    let (scheme, rest) =
+        server.split_once("://").ok_or_else(|| ConnectionError::InvalidServerUrl(server.to_string()))?;
     let ws_scheme = match scheme.to_ascii_lowercase().as_str() {
         "http" | "ws" => "ws",
         "https" | "wss" => "wss",

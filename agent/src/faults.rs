@@ -50,10 +50,7 @@ pub fn crash_at(point: CrashPoint, attempt: AttemptRef) -> ! {
         CrashPoint::MidExecution => "in the middle of execution",
         CrashPoint::AfterFinished => "after journaling finished, before sending the result",
     };
-    crash(&format!(
-        "random failure: crashing {when} (command {} attempt {})",
-        attempt.command_id, attempt.attempt
-    ))
+    crash(&format!("random failure: crashing {when} (command {} attempt {})", attempt.command_id, attempt.attempt))
 }
 
 /// Logs `reason` as an error, flushes stderr and aborts the process.

@@ -38,22 +38,11 @@ pub enum JournalError {
 #[serde(tag = "event", rename_all = "camelCase")]
 enum Entry {
     #[serde(rename_all = "camelCase")]
-    Started {
-        command_id: CommandId,
-        attempt: Attempt,
-        idempotent: bool,
-    },
+    Started { command_id: CommandId, attempt: Attempt, idempotent: bool },
     #[serde(rename_all = "camelCase")]
-    Finished {
-        command_id: CommandId,
-        attempt: Attempt,
-        outcome: Outcome,
-    },
+    Finished { command_id: CommandId, attempt: Attempt, outcome: Outcome },
     #[serde(rename_all = "camelCase")]
-    Acked {
-        command_id: CommandId,
-        attempt: Attempt,
-    },
+    Acked { command_id: CommandId, attempt: Attempt },
 }
 
 impl Entry {
@@ -123,9 +112,7 @@ impl Journal {
                         attempt: attempt_ref.attempt,
                         outcome: outcome.clone(),
                     });
-                    recovered
-                        .finished
-                        .push(AttemptReport { attempt: attempt_ref, outcome: outcome.clone() });
+                    recovered.finished.push(AttemptReport { attempt: attempt_ref, outcome: outcome.clone() });
                 }
                 None => recovered.interrupted.push(attempt_ref),
             }
@@ -138,11 +125,7 @@ impl Journal {
 
     /// Durably records that `attempt` is about to be executed.
     pub fn record_started(&mut self, attempt: AttemptRef, idempotent: bool) -> Result<(), JournalError> {
-        self.append(&Entry::Started {
-            command_id: attempt.command_id,
-            attempt: attempt.attempt,
-            idempotent,
-        })
+        self.append(&Entry::Started { command_id: attempt.command_id, attempt: attempt.attempt, idempotent })
     }
 
     /// Durably records how an attempt ended.
@@ -220,10 +203,7 @@ fn replay(path: &Path) -> io::Result<(Vec<AttemptRef>, HashMap<AttemptRef, Repla
             Ok(entry) => entry,
             Err(error) => {
                 let position = if is_last { "last line (torn write?)" } else { "line" };
-                log::warn!(
-                    "journal {}: skipping unreadable {position} {line_number}: {error}",
-                    path.display()
-                );
+                log::warn!("journal {}: skipping unreadable {position} {line_number}: {error}", path.display());
                 continue;
             }
         };
@@ -314,10 +294,7 @@ mod tests {
             journal.record_finished(&report(attempt(3, 1))).unwrap();
             journal.record_acked(attempt(3, 1)).unwrap();
         }
-        let expected = Recovered {
-            finished: vec![report(attempt(1, 1))],
-            interrupted: vec![attempt(2, 1)],
-        };
+        let expected = Recovered { finished: vec![report(attempt(1, 1))], interrupted: vec![attempt(2, 1)] };
         let (_, recovered) = Journal::open(&path).unwrap();
         assert_eq!(recovered, expected);
 
@@ -339,9 +316,11 @@ mod tests {
         fs::write(
             &path,
             concat!(
-                r#"{"event":"started","commandId":1,"attempt":1,"idempotent":true}"#, "\n",
+                r#"{"event":"started","commandId":1,"attempt":1,"idempotent":true}"#,
+                "\n",
                 "garbage\n",
-                r#"{"event":"started","commandId":2,"attempt":4,"idempotent":false}"#, "\n",
+                r#"{"event":"started","commandId":2,"attempt":4,"idempotent":false}"#,
+                "\n",
                 r#"{"event":"finished","commandId":2,"attem"#,
             ),
         )

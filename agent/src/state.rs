@@ -106,10 +106,9 @@ impl AgentState {
         }
         JournalSummary {
             in_progress: sorted(attempts.in_progress.iter().copied().collect(), |a| *a),
-            finished: sorted(
-                attempts.finished.values().map(|pending| pending.report.clone()).collect(),
-                |report| report.attempt,
-            ),
+            finished: sorted(attempts.finished.values().map(|pending| pending.report.clone()).collect(), |report| {
+                report.attempt
+            }),
             interrupted: sorted(attempts.interrupted.iter().copied().collect(), |a| *a),
         }
     }
@@ -124,9 +123,10 @@ impl AgentState {
     pub fn results_to_send(&self, resend_after: Duration) -> Vec<AttemptReport> {
         let mut attempts = self.lock();
         let now = Instant::now();
-        let due = attempts.finished.values_mut().filter(|pending| {
-            pending.last_sent.is_none_or(|sent| now.duration_since(sent) >= resend_after)
-        });
+        let due = attempts
+            .finished
+            .values_mut()
+            .filter(|pending| pending.last_sent.is_none_or(|sent| now.duration_since(sent) >= resend_after));
         let reports = due
             .map(|pending| {
                 pending.last_sent = Some(now);
@@ -148,13 +148,12 @@ impl AgentState {
                 return ExecuteDecision::Ignore;
             }
             if let Err(error) = attempts.journal.record_started(attempt, idempotent) {
-                log::error!(
-                    "not executing command {} attempt {}: {error}",
-                    attempt.command_id,
-                    attempt.attempt
-                );
+                log::error!("not executing command {} attempt {}: {error}", attempt.command_id, attempt.attempt);
                 let result = serde_json::json!({ "error": format!("agent could not journal the command, so did not run it: {error}") });
-                return ExecuteDecision::Refused(AttemptReport { attempt, outcome: Outcome { success: false, result } });
+                return ExecuteDecision::Refused(AttemptReport {
+                    attempt,
+                    outcome: Outcome { success: false, result },
+                });
             }
             attempts.in_progress.insert(attempt);
         }
@@ -162,12 +161,7 @@ impl AgentState {
         if crash_point == Some(CrashPoint::AfterStarted) {
             crash_at(CrashPoint::AfterStarted, attempt);
         }
-        log::info!(
-            "executing command {} attempt {}: {}",
-            attempt.command_id,
-            attempt.attempt,
-            spec.type_name()
-        );
+        log::info!("executing command {} attempt {}: {}", attempt.command_id, attempt.attempt, spec.type_name());
         let state = Arc::clone(self);
         tokio::spawn(async move {
             // The semaphore is never closed, so acquiring only fails in theory.
@@ -186,7 +180,11 @@ impl AgentState {
         {
             let mut attempts = self.lock();
             if let Err(error) = attempts.journal.record_finished(&report) {
-                log::error!("result of command {} attempt {} not journaled: {error}", attempt.command_id, attempt.attempt);
+                log::error!(
+                    "result of command {} attempt {} not journaled: {error}",
+                    attempt.command_id,
+                    attempt.attempt
+                );
             }
             if crash_point == Some(CrashPoint::AfterFinished) {
                 crash_at(CrashPoint::AfterFinished, attempt);

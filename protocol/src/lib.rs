@@ -29,9 +29,7 @@ pub const MAX_AGENT_ID_LEN: usize = 64;
 pub fn is_valid_agent_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_AGENT_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// What a command asks an agent to do, serialized as
@@ -152,8 +150,7 @@ mod tests {
 
     #[test]
     fn command_spec_uses_type_and_payload() {
-        let spec: CommandSpec =
-            serde_json::from_value(json!({"type": "DELAY", "payload": {"ms": 5}})).unwrap();
+        let spec: CommandSpec = serde_json::from_value(json!({"type": "DELAY", "payload": {"ms": 5}})).unwrap();
         assert_eq!(spec, CommandSpec::Delay { ms: 5 });
         assert_eq!(
             serde_json::to_value(CommandSpec::HttpGetJson { url: "http://x".into() }).unwrap(),
@@ -187,11 +184,7 @@ mod tests {
             let text = serde_json::to_string(&message).unwrap();
             assert_eq!(serde_json::from_str::<AgentMessage>(&text).unwrap(), message);
         }
-        let execute = ServerMessage::Execute {
-            attempt,
-            idempotent: true,
-            spec: CommandSpec::Delay { ms: 1 },
-        };
+        let execute = ServerMessage::Execute { attempt, idempotent: true, spec: CommandSpec::Delay { ms: 1 } };
         let text = serde_json::to_string(&execute).unwrap();
         assert!(text.contains("\"commandId\":7"), "{text}");
         assert_eq!(serde_json::from_str::<ServerMessage>(&text).unwrap(), execute);

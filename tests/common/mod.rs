@@ -90,10 +90,7 @@ impl Server {
         let line = listening.recv_timeout(Duration::from_secs(30)).expect("fleetd did not start listening");
         let url = line[line.find("http://").expect("url in log line")..].trim().to_string();
         let bind = url.trim_start_matches("http://").to_string();
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("http client");
+        let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
         Server { child, url, bind, database, grace_period_ms, http }
     }
 
@@ -251,10 +248,7 @@ impl Agent {
     /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the process: to its peers it
     /// looks like a network partition.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().expect("run kill");
         assert!(status.success(), "kill {signal} failed");
     }
 
@@ -344,11 +338,8 @@ fn serve_target(mut stream: TcpStream, hits: &Mutex<HashMap<String, u32>>) {
     }
     let target = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    let delay_ms: u64 = query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("delay_ms="))
-        .and_then(|ms| ms.parse().ok())
-        .unwrap_or(0);
+    let delay_ms: u64 =
+        query.split('&').find_map(|pair| pair.strip_prefix("delay_ms=")).and_then(|ms| ms.parse().ok()).unwrap_or(0);
     let hit = {
         let mut hits = hits.lock().expect("hits lock");
         let count = hits.entry(path.to_string()).or_insert(0);
