@@ -36,7 +36,7 @@ pub enum PersistenceError {
     #[error("cannot apply migrations: {0}")]
     Migration(String),
     /// A stored row does not decode (hand-edited or corrupted database).
-    #[error("corrupt row in commands table: {0}")]
+    #[error("corrupt row: {0}")]
     CorruptRow(String),
 }
 
@@ -672,34 +672,33 @@ impl Handler<Reconcile> for Persistence {
     type Result = Result<AttemptsToAck, PersistenceError>;
 
     fn handle(&mut self, msg: Reconcile, ctx: &mut Context<Self>) -> Self::Result {
-        self.run(ctx, |conn| {
-            conn.transaction(|conn| {
-                let concurrency = i32::try_from(msg.concurrency).unwrap_or(i32::MAX);
-                upsert_agent(conn, &msg.agent_id, concurrency)?;
-                let journal = msg.journal;
-                let mut acks = Vec::new();
-                for report in &journal.finished {
-                    record_result(conn, &msg.agent_id, report)?;
-                    acks.push(report.attempt);
-                }
-                let still_running: HashSet<AttemptRef> = journal.in_progress.iter().copied().collect();
-                let interrupted: HashSet<AttemptRef> = journal.interrupted.iter().copied().collect();
-                for (attempt, idempotent) in running_attempts(conn, &msg.agent_id)? {
-                    if still_running.contains(&attempt) {
-                        continue;
-                    }
-                    let why = if interrupted.contains(&attempt) {
-                        LostAttempt::Interrupted
-                    } else {
-                        LostAttempt::UnknownToAgent
-                    };
-                    settle_lost_attempt(conn, attempt, idempotent, why)?;
-                }
-                acks.extend(journal.interrupted);
-                Ok(acks)
-            })
-        })
+        self.run(ctx, |conn| conn.transaction(|conn| reconcile(conn, msg)))
     }
+}
+
+/// Settles the agent's RUNNING commands against its journal: stores finished
+/// results, leaves attempts it is still running alone, and applies the
+/// recovery rule to the rest. Returns the journal entries to acknowledge.
+fn reconcile(conn: &mut SqliteConnection, msg: Reconcile) -> Result<AttemptsToAck, PersistenceError> {
+    let concurrency = i32::try_from(msg.concurrency).unwrap_or(i32::MAX);
+    upsert_agent(conn, &msg.agent_id, concurrency)?;
+    let journal = msg.journal;
+    let mut acks = Vec::new();
+    for report in &journal.finished {
+        record_result(conn, &msg.agent_id, report)?;
+        acks.push(report.attempt);
+    }
+    let still_running: HashSet<AttemptRef> = journal.in_progress.iter().copied().collect();
+    let interrupted: HashSet<AttemptRef> = journal.interrupted.iter().copied().collect();
+    for (attempt, idempotent) in running_attempts(conn, &msg.agent_id)? {
+        if still_running.contains(&attempt) {
+            continue;
+        }
+        let why = if interrupted.contains(&attempt) { LostAttempt::Interrupted } else { LostAttempt::UnknownToAgent };
+        settle_lost_attempt(conn, attempt, idempotent, why)?;
+    }
+    acks.extend(journal.interrupted);
+    Ok(acks)
 }
 
 impl Handler<ClaimPending> for Persistence {
@@ -811,24 +810,24 @@ impl Handler<ExpireOrphans> for Persistence {
     type Result = Result<usize, PersistenceError>;
 
     fn handle(&mut self, msg: ExpireOrphans, ctx: &mut Context<Self>) -> Self::Result {
-        self.run(ctx, |conn| {
-            conn.transaction(|conn| {
-                let gone: Vec<String> = agents::table
-                    .filter(agents::last_seen_ms.lt(msg.seen_before_ms))
-                    .filter(agents::id.ne_all(&msg.connected))
-                    .select(agents::id)
-                    .load(conn)?;
-                let mut expired = 0;
-                for agent in gone {
-                    for (attempt, idempotent) in running_attempts(conn, &agent)? {
-                        settle_lost_attempt(conn, attempt, idempotent, LostAttempt::AgentGone)?;
-                        expired += 1;
-                    }
-                }
-                Ok(expired)
-            })
-        })
+        self.run(ctx, |conn| conn.transaction(|conn| Ok(expire_orphans(conn, &msg)?)))
     }
+}
+
+/// Applies the recovery rule to RUNNING commands of disconnected agents last
+/// seen before the cut-off; returns how many it settled.
+fn expire_orphans(conn: &mut SqliteConnection, msg: &ExpireOrphans) -> QueryResult<usize> {
+    let orphans: Vec<(i32, i32, bool)> = commands::table
+        .inner_join(agents::table.on(commands::assigned_agent_id.eq(agents::id.nullable())))
+        .filter(commands::status.eq(Status::Running.as_str()))
+        .filter(agents::last_seen_ms.lt(msg.seen_before_ms))
+        .filter(agents::id.ne_all(&msg.connected))
+        .select((commands::id, commands::attempts, commands::idempotent))
+        .load(conn)?;
+    for &(command_id, attempt, idempotent) in &orphans {
+        settle_lost_attempt(conn, AttemptRef { command_id, attempt }, idempotent, LostAttempt::AgentGone)?;
+    }
+    Ok(orphans.len())
 }
 
 impl Handler<TouchAgent> for Persistence {
@@ -848,5 +847,161 @@ impl Handler<InjectFailure> for Persistence {
     fn handle(&mut self, _: InjectFailure, ctx: &mut Context<Self>) {
         warn!("persistence actor: injected failure");
         ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_protocol::Outcome;
+    use serde_json::json;
+
+    fn database() -> (tempfile::TempDir, SqliteConnection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.db");
+        let path = path.to_str().unwrap();
+        migrate(path).unwrap();
+        let conn = open(path).unwrap();
+        (dir, conn)
+    }
+
+    fn create(conn: &mut SqliteConnection, idempotent: bool, targets: Targets) -> Vec<CommandId> {
+        let msg = CreateCommands { spec: CommandSpec::Delay { ms: 1 }, idempotent, targets, idempotency_key: None };
+        match create_commands(conn, msg).unwrap() {
+            Submission::Created(created) => created.into_iter().map(|(_, id)| id).collect(),
+            other => panic!("expected new commands, got {other:?}"),
+        }
+    }
+
+    fn slot(agent_id: &str, concurrency: u32) -> AgentSlot {
+        AgentSlot { agent_id: agent_id.into(), concurrency }
+    }
+
+    fn register(conn: &mut SqliteConnection, agent_id: &str, journal: JournalSummary) -> AttemptsToAck {
+        reconcile(conn, Reconcile { agent_id: agent_id.into(), concurrency: 4, journal }).unwrap()
+    }
+
+    fn status(conn: &mut SqliteConnection, id: CommandId) -> (Status, i32, Option<String>) {
+        let record = load_command(conn, id).unwrap().unwrap();
+        (record.status, record.attempts, record.assigned_agent_id)
+    }
+
+    fn report(attempt: AttemptRef, success: bool) -> AttemptReport {
+        AttemptReport { attempt, outcome: Outcome { success, result: json!({"n": attempt.attempt}) } }
+    }
+
+    #[test]
+    fn claims_respect_targets_capacity_and_load() {
+        let (_dir, mut conn) = database();
+        let for_b = create(&mut conn, false, Targets::Agents(vec!["b".into()]));
+        let anyone = (0..4).flat_map(|_| create(&mut conn, false, Targets::AnyAgent)).collect::<Vec<_>>();
+        let claimed = claim_pending(&mut conn, &[slot("a", 2), slot("b", 2)]).unwrap();
+
+        let on = |agent: &str| {
+            claimed.iter().filter(|a| a.agent_id == agent).map(|a| a.attempt.command_id).collect::<Vec<_>>()
+        };
+        assert!(on("b").contains(&for_b[0]), "targeted command goes to its agent");
+        assert_eq!((on("a").len(), on("b").len()), (2, 2), "no agent gets more than its capacity");
+        assert!(claimed.iter().all(|a| a.attempt.attempt == 1));
+        assert_eq!(
+            status(&mut conn, anyone[0]),
+            (Status::Running, 1, Some("a".into())),
+            "oldest first, least loaded first"
+        );
+        let left: Vec<_> = anyone.iter().filter(|id| status(&mut conn, **id).0 == Status::Pending).collect();
+        assert_eq!(left.len(), 1);
+        assert!(claim_pending(&mut conn, &[slot("a", 2), slot("b", 2)]).unwrap().is_empty(), "everyone is full");
+    }
+
+    #[test]
+    fn results_are_fenced_by_attempt_and_agent() {
+        let (_dir, mut conn) = database();
+        let id = create(&mut conn, true, Targets::AnyAgent)[0];
+        let attempt = claim_pending(&mut conn, &[slot("a", 1)]).unwrap()[0].attempt;
+        let stale = AttemptRef { attempt: attempt.attempt - 1, ..attempt };
+        assert!(!record_result(&mut conn, "a", &report(stale, true)).unwrap());
+        assert!(!record_result(&mut conn, "intruder", &report(attempt, true)).unwrap());
+        assert_eq!(status(&mut conn, id).0, Status::Running);
+        assert!(record_result(&mut conn, "a", &report(attempt, false)).unwrap());
+        assert!(!record_result(&mut conn, "a", &report(attempt, true)).unwrap(), "a final status never changes");
+        assert_eq!(status(&mut conn, id).0, Status::Failed);
+    }
+
+    #[test]
+    fn reconcile_settles_running_commands_against_the_journal() {
+        let (_dir, mut conn) = database();
+        let ids: Vec<CommandId> = [true, false, true, false, true, false]
+            .into_iter()
+            .flat_map(|idempotent| create(&mut conn, idempotent, Targets::AnyAgent))
+            .collect();
+        register(&mut conn, "a", JournalSummary::default());
+        let attempts: Vec<AttemptRef> =
+            claim_pending(&mut conn, &[slot("a", 6)]).unwrap().into_iter().map(|a| a.attempt).collect();
+        let journal = JournalSummary {
+            finished: vec![report(attempts[0], true), report(attempts[1], true)],
+            in_progress: vec![attempts[2]],
+            interrupted: vec![attempts[3], attempts[4]],
+        };
+        let acks = register(&mut conn, "a", journal);
+        assert_eq!(acks, vec![attempts[0], attempts[1], attempts[3], attempts[4]]);
+        let statuses: Vec<Status> = ids.iter().map(|id| status(&mut conn, *id).0).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                Status::Completed, // finished: result stored, no re-run
+                Status::Completed,
+                Status::Running, // still running in the agent
+                Status::Failed,  // interrupted, not idempotent
+                Status::Pending, // interrupted, idempotent: runs again
+                Status::Failed,  // unknown to the agent, not idempotent
+            ]
+        );
+        assert_eq!(status(&mut conn, ids[4]).2, None, "a requeued command is assigned to nobody");
+        let reason = load_command(&mut conn, ids[5]).unwrap().unwrap().status_reason.unwrap();
+        assert!(reason.contains("without any record"), "{reason}");
+    }
+
+    #[test]
+    fn orphans_expire_only_for_disconnected_agents_past_the_cutoff() {
+        let (_dir, mut conn) = database();
+        let ids: Vec<CommandId> = (0..2).flat_map(|_| create(&mut conn, false, Targets::AnyAgent)).collect();
+        register(&mut conn, "gone", JournalSummary::default());
+        register(&mut conn, "here", JournalSummary::default());
+        claim_pending(&mut conn, &[slot("gone", 1), slot("here", 1)]).unwrap();
+        let future = now_ms() + 1_000;
+        let connected = vec!["here".to_string()];
+        let too_early = ExpireOrphans { connected: connected.clone(), seen_before_ms: now_ms() - 60_000 };
+        assert_eq!(expire_orphans(&mut conn, &too_early).unwrap(), 0);
+        assert_eq!(expire_orphans(&mut conn, &ExpireOrphans { connected, seen_before_ms: future }).unwrap(), 1);
+        let settled: Vec<(Status, Option<String>)> = ids
+            .iter()
+            .map(|id| {
+                let (status, _, agent) = status(&mut conn, *id);
+                (status, agent)
+            })
+            .collect();
+        assert!(settled.contains(&(Status::Failed, Some("gone".into()))), "{settled:?}");
+        assert!(settled.contains(&(Status::Running, Some("here".into()))), "{settled:?}");
+    }
+
+    #[test]
+    fn idempotency_keys_replay_or_refuse() {
+        let (_dir, mut conn) = database();
+        let submit = |conn: &mut SqliteConnection, request: &str| {
+            let key = IdempotencyKey { key: "k".into(), request: request.into() };
+            let msg = CreateCommands {
+                spec: CommandSpec::Delay { ms: 1 },
+                idempotent: false,
+                targets: Targets::AnyAgent,
+                idempotency_key: Some(key),
+            };
+            create_commands(conn, msg).unwrap()
+        };
+        let Submission::Created(first) = submit(&mut conn, "same") else { panic!("expected a new command") };
+        let Submission::Replayed(again) = submit(&mut conn, "same") else { panic!("expected a replay") };
+        assert_eq!(first, again);
+        assert!(matches!(submit(&mut conn, "different"), Submission::KeyReused));
+        let count: i64 = commands::table.count().get_result(&mut conn).unwrap();
+        assert_eq!(count, 1);
     }
 }
