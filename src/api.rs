@@ -3,13 +3,14 @@
 //! Every error is a JSON body `{"error": "..."}` with a 4xx status for bad
 //! input and 5xx when the server itself cannot answer.
 
-use crate::dispatcher::{self, ConnectedAgents, Dispatcher, WorkAvailable};
+use crate::dispatcher::{ConnectedAgents, Dispatcher, WorkAvailable};
 use crate::lifecycle::Status;
 use crate::persistence::{
-    self, CancelCommand, CancelOutcome, CommandFilter, CountByStatus, CreateCommands, CreatedCommands, GetCommand,
+    CancelCommand, CancelOutcome, CommandFilter, CountByStatus, CreateCommands, CreatedCommands, GetCommand,
     IdempotencyKey, ListAgents, ListCommands, Persistence, PersistenceError, Submission, Targets,
 };
 use crate::session::{AgentSession, Heartbeat};
+use crate::supervision::{FailureMode, InjectFailure};
 use crate::validation::{self, ValidationError};
 use actix::{Addr, MailboxError};
 use actix_web::http::StatusCode;
@@ -346,14 +347,27 @@ async fn stats(state: web::Data<AppState>) -> ApiResult {
     })))
 }
 
+/// Query of `POST /admin/fail/{actor}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailureQuery {
+    #[serde(default)]
+    mode: FailureMode,
+}
+
 #[post("/admin/fail/{actor}")]
-async fn inject_failure(state: web::Data<AppState>, actor: web::Path<String>) -> ApiResult {
+async fn inject_failure(
+    state: web::Data<AppState>,
+    actor: web::Path<String>,
+    query: web::Query<FailureQuery>,
+) -> ApiResult {
     if !state.fault_injection {
         return Err(ApiError::NotFound("fault injection is disabled (start with --enable-fault-injection)".into()));
     }
+    let failure = InjectFailure(query.into_inner().mode);
     match actor.as_str() {
-        "dispatcher" => state.dispatcher.do_send(dispatcher::InjectFailure),
-        "persistence" => state.persistence.do_send(persistence::InjectFailure),
+        "dispatcher" => state.dispatcher.do_send(failure),
+        "persistence" => state.persistence.do_send(failure),
         other => return Err(ApiError::NotFound(format!("no actor {other:?} (dispatcher or persistence)"))),
     }
     Ok(HttpResponse::Accepted().json(json!({ "failed": actor.as_str() })))

@@ -9,9 +9,10 @@
 
 use crate::clock::now_ms;
 use crate::persistence::{
-    AgentSlot, AttemptsToAck, ClaimPending, ExpireOrphans, Persistence, PersistenceError, Reconcile,
+    AgentSlot, Assignment, AttemptsToAck, ClaimPending, ExpireOrphans, Persistence, PersistenceError, Reconcile,
 };
 use crate::session::{AgentSession, Deliver, Superseded};
+use crate::supervision::{guarded, FailureMode, InjectFailure};
 use actix::prelude::*;
 use fleet_protocol::JournalSummary;
 use log::{error, info, warn};
@@ -31,6 +32,9 @@ pub enum DispatchError {
     /// The database refused the operation.
     #[error(transparent)]
     Persistence(#[from] PersistenceError),
+    /// The dispatcher failed while handling the request and is restarting.
+    #[error("dispatcher failed and is restarting")]
+    Restarting,
 }
 
 /// A live session of an agent.
@@ -92,11 +96,6 @@ pub struct WorkAvailable;
 #[rtype(result = "Vec<String>")]
 pub struct ConnectedAgents;
 
-/// Makes the actor fail on purpose (fault injection for tests and drills).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct InjectFailure;
-
 /// Internal: run one dispatch round now.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -124,6 +123,23 @@ impl Dispatcher {
         }
     }
 
+    /// Runs a piece of the dispatcher's work; if it panics, the actor stops
+    /// and its supervisor restarts it.
+    fn guarded<R>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        work: impl FnOnce(&mut Self, &mut Context<Self>) -> R,
+    ) -> Option<R> {
+        match guarded(|| work(self, ctx)) {
+            Ok(result) => Some(result),
+            Err(panic) => {
+                error!("dispatcher panicked: {panic}; restarting it");
+                ctx.stop();
+                None
+            }
+        }
+    }
+
     fn schedule_dispatch(&mut self, ctx: &mut Context<Self>) {
         if !self.dispatch_scheduled {
             self.dispatch_scheduled = true;
@@ -144,20 +160,24 @@ impl Dispatcher {
             .iter()
             .map(|(agent_id, agent)| AgentSlot { agent_id: agent_id.clone(), concurrency: agent.concurrency })
             .collect();
-        let round = self.persistence.send(ClaimPending(slots)).into_actor(self).map(|claimed, act, _| {
-            let assignments = match claimed {
-                Ok(Ok(assignments)) => assignments,
-                Ok(Err(e)) => return error!("dispatch round failed: {e}"),
-                Err(e) => return error!("dispatch round failed: persistence unavailable: {e}"),
-            };
-            for assignment in assignments {
-                match act.sessions.get(&assignment.agent_id) {
-                    Some(agent) => agent.session.do_send(Deliver(assignment)),
-                    None => warn!("claimed command {} for vanished agent", assignment.attempt.command_id),
-                }
-            }
+        let round = self.persistence.send(ClaimPending(slots)).into_actor(self).map(|claimed, act, ctx| {
+            act.guarded(ctx, |act, _| match claimed {
+                Ok(Ok(assignments)) => act.deliver(assignments),
+                Ok(Err(e)) => error!("dispatch round failed: {e}"),
+                Err(e) => error!("dispatch round failed: persistence unavailable: {e}"),
+            });
         });
         ctx.wait(round);
+    }
+
+    /// Forwards claimed attempts to their agents' sessions.
+    fn deliver(&self, assignments: Vec<Assignment>) {
+        for assignment in assignments {
+            match self.sessions.get(&assignment.agent_id) {
+                Some(agent) => agent.session.do_send(Deliver(assignment)),
+                None => warn!("claimed command {} for vanished agent", assignment.attempt.command_id),
+            }
+        }
     }
 
     /// Applies the recovery rule to RUNNING commands of agents gone for longer
@@ -195,8 +215,10 @@ impl Actor for Dispatcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.started_at_ms = now_ms();
         ctx.run_interval(TICK, |act, ctx| {
-            act.dispatch(ctx);
-            act.expire_orphans(ctx);
+            act.guarded(ctx, |act, ctx| {
+                act.dispatch(ctx);
+                act.expire_orphans(ctx);
+            });
         });
     }
 }
@@ -223,15 +245,20 @@ impl Handler<Register> for Dispatcher {
         AtomicResponse::new(Box::pin(self.persistence.send(reconcile).into_actor(self).map(
             move |settled, act, ctx| {
                 let acks = settled??;
-                info!(
-                    "agent {} registered (session {}, concurrency {})",
-                    msg.agent_id, msg.session_id, msg.concurrency
-                );
-                let agent =
-                    ConnectedAgent { session_id: msg.session_id, concurrency: msg.concurrency, session: msg.session };
-                act.connect(msg.agent_id, agent);
-                act.schedule_dispatch(ctx);
-                Ok(acks)
+                let registered = act.guarded(ctx, |act, ctx| {
+                    info!(
+                        "agent {} registered (session {}, concurrency {})",
+                        msg.agent_id, msg.session_id, msg.concurrency
+                    );
+                    let agent = ConnectedAgent {
+                        session_id: msg.session_id,
+                        concurrency: msg.concurrency,
+                        session: msg.session,
+                    };
+                    act.connect(msg.agent_id, agent);
+                    act.schedule_dispatch(ctx);
+                });
+                registered.map(|()| acks).ok_or(DispatchError::Restarting)
             },
         )))
     }
@@ -241,25 +268,29 @@ impl Handler<Announce> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, msg: Announce, ctx: &mut Context<Self>) {
-        let newer = self.sessions.get(&msg.agent_id).is_none_or(|known| known.session_id < msg.session_id);
-        if newer {
-            info!("agent {} announced session {}", msg.agent_id, msg.session_id);
-            let agent =
-                ConnectedAgent { session_id: msg.session_id, concurrency: msg.concurrency, session: msg.session };
-            self.connect(msg.agent_id, agent);
-            self.schedule_dispatch(ctx);
-        }
+        self.guarded(ctx, |act, ctx| {
+            let newer = act.sessions.get(&msg.agent_id).is_none_or(|known| known.session_id < msg.session_id);
+            if newer {
+                info!("agent {} announced session {}", msg.agent_id, msg.session_id);
+                let agent =
+                    ConnectedAgent { session_id: msg.session_id, concurrency: msg.concurrency, session: msg.session };
+                act.connect(msg.agent_id, agent);
+                act.schedule_dispatch(ctx);
+            }
+        });
     }
 }
 
 impl Handler<SessionClosed> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, msg: SessionClosed, _ctx: &mut Context<Self>) {
-        if self.sessions.get(&msg.agent_id).is_some_and(|agent| agent.session_id == msg.session_id) {
-            info!("agent {} disconnected", msg.agent_id);
-            self.sessions.remove(&msg.agent_id);
-        }
+    fn handle(&mut self, msg: SessionClosed, ctx: &mut Context<Self>) {
+        self.guarded(ctx, |act, _| {
+            if act.sessions.get(&msg.agent_id).is_some_and(|agent| agent.session_id == msg.session_id) {
+                info!("agent {} disconnected", msg.agent_id);
+                act.sessions.remove(&msg.agent_id);
+            }
+        });
     }
 }
 
@@ -275,7 +306,7 @@ impl Handler<RunDispatch> for Dispatcher {
     type Result = ();
 
     fn handle(&mut self, _: RunDispatch, ctx: &mut Context<Self>) {
-        self.dispatch(ctx);
+        self.guarded(ctx, Self::dispatch);
     }
 }
 
@@ -290,8 +321,13 @@ impl Handler<ConnectedAgents> for Dispatcher {
 impl Handler<InjectFailure> for Dispatcher {
     type Result = ();
 
-    fn handle(&mut self, _: InjectFailure, ctx: &mut Context<Self>) {
-        warn!("dispatcher: injected failure");
-        ctx.stop();
+    fn handle(&mut self, InjectFailure(mode): InjectFailure, ctx: &mut Context<Self>) {
+        warn!("dispatcher: injected failure ({mode:?})");
+        match mode {
+            FailureMode::Stop => ctx.stop(),
+            FailureMode::Panic => {
+                self.guarded(ctx, |_, _| panic!("injected panic"));
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod persistence;
 pub mod schema;
 pub mod session;
+pub mod supervision;
 pub mod validation;
 
 use actix::{Arbiter, Supervisor};

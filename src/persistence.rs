@@ -9,6 +9,7 @@
 use crate::clock::{now_ms, serialize_rfc3339};
 use crate::lifecycle::{resolve_lost_attempt, LostAttempt, Status};
 use crate::schema::{agents, commands, submissions};
+use crate::supervision::{guarded, FailureMode, InjectFailure};
 use actix::prelude::*;
 use diesel::dsl::count_star;
 use diesel::prelude::*;
@@ -35,6 +36,9 @@ pub enum PersistenceError {
     /// Applying the embedded migrations failed.
     #[error("cannot apply migrations: {0}")]
     Migration(String),
+    /// A database operation panicked.
+    #[error("panicked: {0}")]
+    Panicked(String),
     /// A stored row does not decode (hand-edited or corrupted database).
     #[error("corrupt row: {0}")]
     CorruptRow(String),
@@ -335,11 +339,6 @@ pub struct ExpireOrphans {
 #[rtype(result = "Result<(), PersistenceError>")]
 pub struct TouchAgent(pub String);
 
-/// Makes the actor fail on purpose (fault injection for tests and drills).
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct InjectFailure;
-
 /// The persistence actor. See the module documentation.
 pub struct Persistence {
     database: String,
@@ -359,10 +358,11 @@ impl Persistence {
         ctx: &mut Context<Self>,
         operation: impl FnOnce(&mut SqliteConnection) -> Result<T, PersistenceError>,
     ) -> Result<T, PersistenceError> {
-        let result = match &mut self.conn {
+        let result = guarded(|| match &mut self.conn {
             Some(conn) => operation(conn),
             None => open(&self.database).and_then(|conn| operation(self.conn.insert(conn))),
-        };
+        })
+        .unwrap_or_else(|panic| Err(PersistenceError::Panicked(panic)));
         if let Err(e) = &result {
             error!("persistence failure: {e}; restarting the persistence actor");
             self.conn = None;
@@ -844,9 +844,14 @@ impl Handler<TouchAgent> for Persistence {
 impl Handler<InjectFailure> for Persistence {
     type Result = ();
 
-    fn handle(&mut self, _: InjectFailure, ctx: &mut Context<Self>) {
-        warn!("persistence actor: injected failure");
-        ctx.stop();
+    fn handle(&mut self, InjectFailure(mode): InjectFailure, ctx: &mut Context<Self>) {
+        warn!("persistence actor: injected failure ({mode:?})");
+        match mode {
+            FailureMode::Stop => ctx.stop(),
+            FailureMode::Panic => {
+                let _ = self.run(ctx, |_| -> Result<(), PersistenceError> { panic!("injected panic") });
+            }
+        }
     }
 }
 

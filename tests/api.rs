@@ -206,14 +206,14 @@ fn unreachable_http_target_fails_the_command_with_an_error() {
 
 /// Makes an actor fail mid-flight and checks that work submitted before and
 /// after the failure still completes.
-fn survives_actor_failure(actor: &str) {
+fn survives_actor_failure(actor: &str, mode: &str) {
     let dir = scratch();
     let server = Server::start(dir.path(), GRACE_MS);
     let _agent = Agent::start(dir.path(), &server.url, "f-1", &["--concurrency", "2"]);
     server.wait_connected(&["f-1"]);
     let mut ids: Vec<i64> =
         (0..4).map(|_| server.submit(json!({"type": "DELAY", "payload": {"ms": 300}, "idempotent": true}))).collect();
-    let (status, body) = server.request("POST", &format!("/admin/fail/{actor}"), None);
+    let (status, body) = server.request("POST", &format!("/admin/fail/{actor}?mode={mode}"), None);
     assert_eq!(status, 202, "{body}");
     ids.extend((0..4).map(|_| server.submit(json!({"type": "DELAY", "payload": {"ms": 50}}))));
     let done = server.wait_all_final(&ids, WAIT);
@@ -223,12 +223,33 @@ fn survives_actor_failure(actor: &str) {
 
 #[test]
 fn commands_complete_after_the_dispatcher_fails() {
-    survives_actor_failure("dispatcher");
+    survives_actor_failure("dispatcher", "stop");
+}
+
+#[test]
+fn commands_complete_after_the_dispatcher_panics() {
+    survives_actor_failure("dispatcher", "panic");
 }
 
 #[test]
 fn commands_complete_after_the_persistence_actor_fails() {
-    survives_actor_failure("persistence");
+    survives_actor_failure("persistence", "stop");
+}
+
+#[test]
+fn commands_complete_after_the_persistence_actor_panics() {
+    survives_actor_failure("persistence", "panic");
+}
+
+#[test]
+fn fault_injection_rejects_unknown_actors_and_modes() {
+    let dir = scratch();
+    let server = Server::start(dir.path(), GRACE_MS);
+    let (status, body) = server.request("POST", "/admin/fail/session", None);
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = server.request("POST", "/admin/fail/dispatcher?mode=explode", None);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(server.get("/health"), json!({"status": "ok"}));
 }
 
 #[test]
