@@ -4,7 +4,8 @@
 //! returns, so after a crash the journal tells exactly which attempts were
 //! started, which finished (and with what outcome) and which the server has
 //! acknowledged. Opening a journal replays it and compacts it, dropping every
-//! acknowledged attempt.
+//! acknowledged attempt; a long-running agent compacts it again whenever
+//! acknowledged entries pile up.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -56,7 +57,11 @@ impl Entry {
     }
 }
 
-/// What the journal knows about one attempt after replay.
+/// Lines after which an open journal is compacted, if most of them are about
+/// acknowledged attempts.
+const COMPACT_AFTER_LINES: usize = 1_000;
+
+/// What the journal knows about one attempt.
 #[derive(Debug, Default)]
 struct ReplayedAttempt {
     /// `Some(idempotent)` once a `started` entry was seen.
@@ -79,6 +84,10 @@ pub struct Recovered {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// Unacknowledged attempts: what a compaction keeps.
+    live: HashMap<AttemptRef, ReplayedAttempt>,
+    /// Lines in the file now.
+    lines: usize,
     /// Exclusive lock on `<journal>.lock`, held while the journal is open.
     _lock: File,
 }
@@ -89,43 +98,29 @@ impl Journal {
     pub fn open(path: &Path) -> Result<(Journal, Recovered), JournalError> {
         let io_error = |source| JournalError::Io { path: path.to_path_buf(), source };
         let lock = lock_journal(path)?;
-        let (order, attempts) = replay(path).map_err(io_error)?;
+        let (order, mut live) = replay(path).map_err(io_error)?;
+        live.retain(|_, state| !state.acked);
 
         let mut recovered = Recovered::default();
-        let mut kept = Vec::new();
         for attempt_ref in order {
-            let Some(state) = attempts.get(&attempt_ref) else { continue };
-            if state.acked {
-                continue;
-            }
-            if let Some(idempotent) = state.started {
-                kept.push(Entry::Started {
-                    command_id: attempt_ref.command_id,
-                    attempt: attempt_ref.attempt,
-                    idempotent,
-                });
-            }
+            let Some(state) = live.get(&attempt_ref) else { continue };
             match &state.finished {
                 Some(outcome) => {
-                    kept.push(Entry::Finished {
-                        command_id: attempt_ref.command_id,
-                        attempt: attempt_ref.attempt,
-                        outcome: outcome.clone(),
-                    });
-                    recovered.finished.push(AttemptReport { attempt: attempt_ref, outcome: outcome.clone() });
+                    recovered.finished.push(AttemptReport { attempt: attempt_ref, outcome: outcome.clone() })
                 }
                 None => recovered.interrupted.push(attempt_ref),
             }
         }
-
-        compact(path, &kept)?;
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io_error)?;
-        Ok((Journal { path: path.to_path_buf(), file, _lock: lock }, recovered))
+        let lines = compact(path, &live)?;
+        let file = open_for_append(path)?;
+        Ok((Journal { path: path.to_path_buf(), file, live, lines, _lock: lock }, recovered))
     }
 
     /// Durably records that `attempt` is about to be executed.
     pub fn record_started(&mut self, attempt: AttemptRef, idempotent: bool) -> Result<(), JournalError> {
-        self.append(&Entry::Started { command_id: attempt.command_id, attempt: attempt.attempt, idempotent })
+        self.append(&Entry::Started { command_id: attempt.command_id, attempt: attempt.attempt, idempotent })?;
+        self.live.entry(attempt).or_default().started = Some(idempotent);
+        Ok(())
     }
 
     /// Durably records how an attempt ended.
@@ -134,12 +129,21 @@ impl Journal {
             command_id: report.attempt.command_id,
             attempt: report.attempt.attempt,
             outcome: report.outcome.clone(),
-        })
+        })?;
+        self.live.entry(report.attempt).or_default().finished = Some(report.outcome.clone());
+        Ok(())
     }
 
     /// Durably records that the server acknowledged `attempt`.
+    /// Compacts the file when acknowledged entries make up most of it.
     pub fn record_acked(&mut self, attempt: AttemptRef) -> Result<(), JournalError> {
-        self.append(&Entry::Acked { command_id: attempt.command_id, attempt: attempt.attempt })
+        self.append(&Entry::Acked { command_id: attempt.command_id, attempt: attempt.attempt })?;
+        self.live.remove(&attempt);
+        if self.lines > COMPACT_AFTER_LINES && self.lines > 4 * self.live.len() {
+            self.lines = compact(&self.path, &self.live)?;
+            self.file = open_for_append(&self.path)?;
+        }
+        Ok(())
     }
 
     fn append(&mut self, entry: &Entry) -> Result<(), JournalError> {
@@ -148,7 +152,9 @@ impl Journal {
         self.file
             .write_all(line.as_bytes())
             .and_then(|()| self.file.sync_data())
-            .map_err(|source| JournalError::Io { path: self.path.clone(), source })
+            .map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
+        self.lines += 1;
+        Ok(())
     }
 }
 
@@ -221,14 +227,41 @@ fn replay(path: &Path) -> io::Result<(Vec<AttemptRef>, HashMap<AttemptRef, Repla
     Ok((order, attempts))
 }
 
-/// Atomically replaces the journal with `entries`: write `<journal>.tmp`,
-/// fsync it, rename it over the journal, fsync the directory.
-fn compact(path: &Path, entries: &[Entry]) -> Result<(), JournalError> {
+fn open_for_append(path: &Path) -> Result<File, JournalError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| JournalError::Io { path: path.to_path_buf(), source })
+}
+
+/// The entries that describe `live` attempts, in attempt order.
+fn entries_of(live: &HashMap<AttemptRef, ReplayedAttempt>) -> Vec<Entry> {
+    let mut attempts: Vec<(&AttemptRef, &ReplayedAttempt)> = live.iter().collect();
+    attempts.sort_by_key(|(attempt, _)| (attempt.command_id, attempt.attempt));
+    let mut entries = Vec::new();
+    for (attempt, state) in attempts {
+        let (command_id, attempt) = (attempt.command_id, attempt.attempt);
+        if let Some(idempotent) = state.started {
+            entries.push(Entry::Started { command_id, attempt, idempotent });
+        }
+        if let Some(outcome) = &state.finished {
+            entries.push(Entry::Finished { command_id, attempt, outcome: outcome.clone() });
+        }
+    }
+    entries
+}
+
+/// Atomically replaces the journal with the entries of the `live` attempts:
+/// write `<journal>.tmp`, fsync it, rename it over the journal, fsync the
+/// directory. Returns the number of lines written.
+fn compact(path: &Path, live: &HashMap<AttemptRef, ReplayedAttempt>) -> Result<usize, JournalError> {
     let tmp_path = with_suffix(path, ".tmp");
     let tmp_error = |source| JournalError::Io { path: tmp_path.clone(), source };
 
+    let entries = entries_of(live);
     let mut contents = String::new();
-    for entry in entries {
+    for entry in &entries {
         contents.push_str(&serde_json::to_string(entry)?);
         contents.push('\n');
     }
@@ -236,7 +269,8 @@ fn compact(path: &Path, entries: &[Entry]) -> Result<(), JournalError> {
     tmp.write_all(contents.as_bytes()).and_then(|()| tmp.sync_all()).map_err(tmp_error)?;
     drop(tmp);
     fs::rename(&tmp_path, path).map_err(tmp_error)?;
-    sync_parent_dir(path).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })
+    sync_parent_dir(path).map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
+    Ok(entries.len())
 }
 
 /// Fsyncs the directory containing `path`, making a rename or create durable.
@@ -334,5 +368,26 @@ mod tests {
         drop(journal);
         let (_, recovered) = Journal::open(&path).unwrap();
         assert_eq!(recovered.interrupted, vec![attempt(2, 4)]);
+    }
+
+    #[test]
+    fn a_long_running_journal_compacts_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.journal");
+        let (mut journal, _) = Journal::open(&path).unwrap();
+        journal.record_started(attempt(0, 1), false).unwrap();
+        let rounds = COMPACT_AFTER_LINES / 3 + 10;
+        for command_id in 1..=rounds {
+            let command_id = CommandId::try_from(command_id).unwrap();
+            journal.record_started(attempt(command_id, 1), true).unwrap();
+            journal.record_finished(&report(attempt(command_id, 1))).unwrap();
+            journal.record_acked(attempt(command_id, 1)).unwrap();
+        }
+        let lines = fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines < COMPACT_AFTER_LINES / 2, "{lines} lines: the journal was compacted");
+        journal.record_finished(&report(attempt(0, 1))).unwrap();
+        drop(journal);
+        let (_, recovered) = Journal::open(&path).unwrap();
+        assert_eq!(recovered, Recovered { finished: vec![report(attempt(0, 1))], interrupted: vec![] });
     }
 }
