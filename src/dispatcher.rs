@@ -10,6 +10,7 @@
 use crate::clock::now_ms;
 use crate::persistence::{
     AgentSlot, Assignment, AttemptsToAck, ClaimPending, ExpireOrphans, Persistence, PersistenceError, Reconcile,
+    ReleaseUndelivered,
 };
 use crate::session::{AgentSession, Deliver, Superseded};
 use crate::supervision::{guarded, FailureMode, InjectFailure};
@@ -170,12 +171,25 @@ impl Dispatcher {
         ctx.wait(round);
     }
 
-    /// Forwards claimed attempts to their agents' sessions.
+    /// Forwards claimed attempts to their agents' sessions. An attempt whose
+    /// session is already gone provably never reached the agent: it goes back
+    /// to PENDING.
     fn deliver(&self, assignments: Vec<Assignment>) {
         for assignment in assignments {
-            match self.sessions.get(&assignment.agent_id) {
-                Some(agent) => agent.session.do_send(Deliver(assignment)),
-                None => warn!("claimed command {} for vanished agent", assignment.attempt.command_id),
+            let undelivered = match self.sessions.get(&assignment.agent_id) {
+                Some(agent) => match agent.session.try_send(Deliver(assignment)) {
+                    Ok(()) => None,
+                    Err(SendError::Full(delivery)) => {
+                        agent.session.do_send(delivery);
+                        None
+                    }
+                    Err(SendError::Closed(Deliver(assignment))) => Some(assignment),
+                },
+                None => Some(assignment),
+            };
+            if let Some(assignment) = undelivered {
+                warn!("command {} could not be sent to {}", assignment.attempt.command_id, assignment.agent_id);
+                self.persistence.do_send(ReleaseUndelivered(assignment.attempt));
             }
         }
     }

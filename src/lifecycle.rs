@@ -80,6 +80,9 @@ pub enum LostAttempt {
     UnknownToAgent,
     /// The agent stayed away longer than the grace period.
     AgentGone,
+    /// The agent's connection closed before the attempt could be sent to it:
+    /// the command provably never ran.
+    NeverDelivered,
 }
 
 impl LostAttempt {
@@ -88,6 +91,7 @@ impl LostAttempt {
             LostAttempt::Interrupted => "the agent crashed while executing it",
             LostAttempt::UnknownToAgent => "the agent reconnected without any record of receiving it",
             LostAttempt::AgentGone => "the agent did not come back within the grace period",
+            LostAttempt::NeverDelivered => "the agent disconnected before the command could be sent to it",
         }
     }
 }
@@ -103,9 +107,10 @@ pub struct Resolution {
 
 /// The recovery rule: an idempotent command goes back to PENDING and runs
 /// again; a non-idempotent one may already have had its effect, so it is
-/// FAILED for an operator to review and never handed out a second time.
+/// FAILED for an operator to review and never handed out a second time
+/// (unless it provably never left the server).
 pub fn resolve_lost_attempt(idempotent: bool, why: LostAttempt) -> Resolution {
-    if idempotent {
+    if idempotent || why == LostAttempt::NeverDelivered {
         Resolution { status: Status::Pending, reason: format!("requeued: {}", why.describe()) }
     } else {
         Resolution {
@@ -143,6 +148,13 @@ mod tests {
             let resolution = resolve_lost_attempt(true, why);
             assert_eq!(resolution.status, Status::Pending);
             assert!(resolution.reason.starts_with("requeued"));
+        }
+    }
+
+    #[test]
+    fn undelivered_attempts_are_requeued_even_when_not_idempotent() {
+        for idempotent in [true, false] {
+            assert_eq!(resolve_lost_attempt(idempotent, LostAttempt::NeverDelivered).status, Status::Pending);
         }
     }
 

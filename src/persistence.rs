@@ -334,6 +334,11 @@ pub struct ExpireOrphans {
     pub seen_before_ms: i64,
 }
 
+/// Puts an attempt that could not be sent to its agent back to PENDING.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), PersistenceError>")]
+pub struct ReleaseUndelivered(pub AttemptRef);
+
 /// Records that an agent was just heard from.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), PersistenceError>")]
@@ -830,6 +835,14 @@ fn expire_orphans(conn: &mut SqliteConnection, msg: &ExpireOrphans) -> QueryResu
     Ok(orphans.len())
 }
 
+impl Handler<ReleaseUndelivered> for Persistence {
+    type Result = Result<(), PersistenceError>;
+
+    fn handle(&mut self, ReleaseUndelivered(attempt): ReleaseUndelivered, ctx: &mut Context<Self>) -> Self::Result {
+        self.run(ctx, |conn| Ok(settle_lost_attempt(conn, attempt, false, LostAttempt::NeverDelivered)?))
+    }
+}
+
 impl Handler<TouchAgent> for Persistence {
     type Result = Result<(), PersistenceError>;
 
@@ -964,6 +977,17 @@ mod tests {
         assert_eq!(status(&mut conn, ids[4]).2, None, "a requeued command is assigned to nobody");
         let reason = load_command(&mut conn, ids[5]).unwrap().unwrap().status_reason.unwrap();
         assert!(reason.contains("without any record"), "{reason}");
+    }
+
+    #[test]
+    fn undelivered_attempts_go_back_to_pending_even_when_not_idempotent() {
+        let (_dir, mut conn) = database();
+        let id = create(&mut conn, false, Targets::AnyAgent)[0];
+        let attempt = claim_pending(&mut conn, &[slot("a", 1)]).unwrap()[0].attempt;
+        settle_lost_attempt(&mut conn, attempt, false, LostAttempt::NeverDelivered).unwrap();
+        assert_eq!(status(&mut conn, id), (Status::Pending, 1, None));
+        let again = claim_pending(&mut conn, &[slot("b", 1)]).unwrap()[0].attempt;
+        assert_eq!(again.attempt, 2, "the next attempt gets a new fencing token");
     }
 
     #[test]
