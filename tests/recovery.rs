@@ -73,6 +73,32 @@ fn result_finished_while_the_server_was_down_is_recovered_from_the_agent_journal
 }
 
 #[test]
+fn result_journaled_by_an_agent_that_crashed_before_reporting_it_is_recovered() {
+    let dir = scratch();
+    let server = Server::start(dir.path(), GRACE_MS);
+    let target = Target::start();
+    // Every command crashes the agent: after journaling its start, midway, or
+    // after journaling its result but before sending it. Only the last leaves
+    // a result to recover; keep going until that case has happened.
+    let mut agent = Agent::start(dir.path(), &server.url, "rf-1", &["--random-failures=1"]);
+    for n in 0..40 {
+        let path = format!("/rf/{n}");
+        let id = server.submit(json!({"type": "HTTP_GET_JSON", "payload": {"url": target.url_for(&path, 0)}}));
+        wait_for("the agent to crash", WAIT, || (!agent.is_running()).then_some(()));
+        agent.restart();
+        let command = server.wait_status(id, &["COMPLETED", "FAILED"]);
+        assert_eq!(command["attempts"], 1, "{command}");
+        assert!(target.hits(&path) <= 1, "non-idempotent command ran twice: {command}");
+        if command["status"] == "COMPLETED" {
+            assert_eq!(target.hits(&path), 1);
+            assert_eq!(command["result"]["body"]["path"], json!(path), "the journaled result: {command}");
+            return;
+        }
+    }
+    panic!("the agent never crashed between journaling a result and reporting it");
+}
+
+#[test]
 fn server_crash_with_running_commands_loses_nothing_and_duplicates_nothing() {
     let dir = scratch();
     let mut server = Server::start(dir.path(), GRACE_MS);
