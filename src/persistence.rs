@@ -356,8 +356,8 @@ impl Persistence {
         Persistence { database, conn: None }
     }
 
-    /// Runs `operation` on the connection; on failure drops the connection
-    /// and stops the actor so that its supervisor restarts it.
+    /// Runs `operation` on the connection; on failure stops the actor so that
+    /// its supervisor restarts it (and `restarting` drops the connection).
     fn run<T>(
         &mut self,
         ctx: &mut Context<Self>,
@@ -370,7 +370,6 @@ impl Persistence {
         .unwrap_or_else(|panic| Err(PersistenceError::Panicked(panic)));
         if let Err(e) = &result {
             error!("persistence failure: {e}; restarting the persistence actor");
-            self.conn = None;
             ctx.stop();
         }
         result
