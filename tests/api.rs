@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{scratch, wait_for, Agent, Server, Target, WAIT};
+use common::{scratch, Agent, Server, Target, WAIT};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 
@@ -264,10 +264,7 @@ fn stats_and_agents_describe_the_fleet() {
     assert_eq!(stats["commands"]["COMPLETED"], 1, "{stats}");
     assert_eq!(stats["agents"], json!({"known": 1, "connected": 1}));
     agent.kill();
-    wait_for("agent to show as disconnected", WAIT, || {
-        let agents: Value = server.get("/agents");
-        (agents["agents"][0]["connected"] == json!(false)).then_some(())
-    });
+    server.wait_disconnected("st-1");
     assert_eq!(server.get("/health"), json!({"status": "ok"}));
 }
 

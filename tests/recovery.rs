@@ -166,10 +166,7 @@ fn partitioned_agent_is_noticed_and_its_late_result_is_ignored() {
     frozen.wait_journal("started", id);
     frozen.signal("-STOP");
 
-    wait_for("the server to notice the dead connection", WAIT, || {
-        let agents = server.get("/agents");
-        (agents["agents"][0]["connected"] == json!(false)).then_some(())
-    });
+    server.wait_disconnected("p-frozen");
     server.wait_status(id, &["PENDING"]);
     let _healthy = Agent::start(dir.path(), &server.url, "p-healthy", &[]);
     let done = server.wait_status(id, &["COMPLETED"]);

@@ -184,15 +184,27 @@ impl Server {
     /// Waits until the server lists exactly these agents as connected.
     pub fn wait_connected(&self, agent_ids: &[&str]) {
         wait_for(&format!("agents {agent_ids:?} to be connected"), WAIT, || {
-            let agents = self.get("/agents");
-            let connected: Vec<&str> = agents["agents"]
-                .as_array()?
-                .iter()
-                .filter(|agent| agent["connected"] == json!(true))
-                .filter_map(|agent| agent["id"].as_str())
-                .collect();
-            agent_ids.iter().all(|id| connected.contains(id)).then_some(())
+            let connected = self.agents_connected();
+            agent_ids.iter().all(|id| connected.get(*id) == Some(&true)).then_some(())
         })
+    }
+
+    /// Waits until the server lists the agent as known but not connected.
+    pub fn wait_disconnected(&self, agent_id: &str) {
+        wait_for(&format!("agent {agent_id} to be disconnected"), WAIT, || {
+            (self.agents_connected().get(agent_id) == Some(&false)).then_some(())
+        })
+    }
+
+    /// Every known agent and whether it is connected, per `GET /agents`.
+    fn agents_connected(&self) -> HashMap<String, bool> {
+        let agents = self.get("/agents");
+        agents["agents"]
+            .as_array()
+            .expect("agents list")
+            .iter()
+            .filter_map(|agent| Some((agent["id"].as_str()?.to_string(), agent["connected"].as_bool()?)))
+            .collect()
     }
 }
 
